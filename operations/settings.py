@@ -1,0 +1,486 @@
+"""Every setting the deploys read: name, type, default, meaning and validation, in one place.
+
+Host data (inventory.py, group_data/) is validated for every host of the inventory before any
+operation is defined, and turned into frozen dataclasses; operations and templates receive those,
+never raw dicts. Settings are the host-data keys that start with ``llm_``; any other key belongs to
+pyinfra or to the user's other deploys and is left alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from operations import profiles
+
+PREFIX = "llm_"
+
+# The llama.cpp commit CI builds (llama-cpp-python 0.3.36 vendors it), so what CI proves is what
+# users get. Its upstream build number is 11312 (release tag b11312).
+PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+PINNED_BUILD_NUMBER = 11312
+
+# K/V cache types llama-server accepts for -ctk/-ctv at the pinned commit.
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+# The guide's measurements (RTX 5090, Qwen3.5-35B-A3B): warn, do not refuse.
+CACHE_TYPE_WARNINGS = {
+    "iq4_nl": "IQ4_NL K/V measured about 5x slower than q4_0 in the guide (38 vs 188 tok/s)",
+    "q5_0": "Q5 K/V measured slower than Q4 in the guide (153 vs 186 tok/s)",
+    "q5_1": "Q5 K/V measured slower than Q4 in the guide (153 vs 186 tok/s)",
+}
+LOAD_MODES = ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")
+ON_OFF_AUTO = ("on", "off", "auto")
+REASONING_FORMATS = ("none", "deepseek", "deepseek-legacy", "auto")
+MODEL_SOURCES = ("local", "hf", "mirror")
+LLAMACPP_SOURCES = ("git", "local")
+UNIT_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+CUDA_ARCH_RE = re.compile(r"^[1-9][0-9]{1,2}[af]?$")
+
+
+class SettingsError(Exception):
+    """One line per problem: host, setting, value found, what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    types: tuple[type, ...]
+    default: Any
+    meaning: str
+    allowed: str = ""
+    check: Callable[[Any], bool] | None = None
+    choices: tuple[Any, ...] = ()
+
+    def problem(self, where: str, value: Any) -> str | None:
+        """The error line for ``value``, or None when it is valid."""
+        if value is None and self.default is None:
+            return None
+        if isinstance(value, bool) and bool not in self.types:
+            return _line(where, value, self.expected())
+        if not isinstance(value, self.types):
+            return _line(where, value, self.expected())
+        if self.choices and value not in self.choices:
+            return _line(where, value, self.expected())
+        if self.check and not self.check(value):
+            return _line(where, value, self.expected())
+        return None
+
+    def expected(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.allowed:
+            return self.allowed
+        return " or ".join(_type_name(t) for t in self.types)
+
+
+def _type_name(t: type) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list",
+            dict: "a mapping", float: "a number"}.get(t, t.__name__)
+
+
+def _line(where: str, value: Any, expected: str) -> str:
+    return f"{where}: found {value!r}, expected {expected}"
+
+
+def _port(v: Any) -> bool:
+    return 1 <= v <= 65535
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _abs_path(v: Any) -> bool:
+    return v.startswith("/") and "\n" not in v and " " not in v
+
+
+def _ip(v: Any) -> bool:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _str_list(v: Any) -> bool:
+    return all(isinstance(x, str) for x in v)
+
+
+def _gpu_indexes(v: Any) -> bool:
+    return all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def _arch_list(v: Any) -> bool:
+    return all(isinstance(x, str) and CUDA_ARCH_RE.match(x) for x in v)
+
+
+# Host-level settings. Defaults are the guide's choices where the guide made one.
+HOST_SETTINGS: tuple[Setting, ...] = (
+    Setting("llm_llamacpp_source", (str,), "git",
+            "where llama.cpp comes from: git (clone llm_llamacpp_git_url on the host) or local "
+            "(llm_llamacpp_local_path on the controller, pushed to the host)",
+            choices=LLAMACPP_SOURCES),
+    Setting("llm_llamacpp_git_url", (str,), "https://github.com/ggml-org/llama.cpp",
+            "git URL the host clones llama.cpp from (source git)"),
+    Setting("llm_llamacpp_commit", (str,), PINNED_COMMIT,
+            "full llama.cpp commit sha to build; the default is the commit CI builds",
+            allowed="a full 40-character lowercase commit sha", check=lambda v: bool(COMMIT_RE.match(v))),
+    Setting("llm_llamacpp_build_number", (int,), PINNED_BUILD_NUMBER,
+            "llama.cpp build number passed to cmake (a shallow clone cannot count it)",
+            allowed="a non-negative integer", check=_non_negative),
+    Setting("llm_llamacpp_local_path", (str,), None,
+            "controller path of a llama.cpp .tar.gz or git checkout (source local)",
+            allowed="an absolute path", check=_abs_path),
+    Setting("llm_install_dir", (str,), "/opt/llama.cpp",
+            "host directory for llama.cpp sources, builds and the shared ccache",
+            allowed="an absolute path without spaces", check=_abs_path),
+    Setting("llm_model_dir", (str,), "/var/lib/llama-models",
+            "host directory for model files, one folder per model version",
+            allowed="an absolute path without spaces", check=_abs_path),
+    Setting("llm_config_dir", (str,), "/etc/llama",
+            "host directory for API keys and staged units",
+            allowed="an absolute path without spaces", check=_abs_path),
+    Setting("llm_service_user", (str,), "llama",
+            "system user (and group) the services run as",
+            allowed="a lowercase user name", check=lambda v: bool(re.match(r"^[a-z_][a-z0-9_-]{0,30}$", v))),
+    Setting("llm_build_jobs", (int,), 0,
+            "parallel compile jobs for the llama.cpp build; 0 means one per CPU",
+            allowed="a non-negative integer", check=_non_negative),
+    Setting("llm_cuda_architectures", (list,), None,
+            "CUDA archs to build for (e.g. ['120a', '89']); unset means computed from the GPUs present",
+            allowed="a list of arch strings like '90', '89' or '120a'", check=_arch_list),
+    Setting("llm_health_timeout", (int,), 300,
+            "seconds a restarted service may take to answer /health 200 before it is rolled back",
+            allowed="a positive integer", check=_positive),
+    Setting("llm_services", (dict,), None,
+            "the llama-server services of this host, by name (see the service settings)"),
+)
+
+# Per-service settings, under llm_services.<name>.
+SERVICE_SETTINGS: tuple[Setting, ...] = (
+    Setting("port", (int,), None, "TCP port llama-server listens on (required)",
+            allowed="an integer from 1 to 65535", check=_port),
+    Setting("host", (str,), "127.0.0.1", "address llama-server binds; loopback unless a key is set",
+            allowed="an IP address", check=_ip),
+    Setting("model", (dict,), None, "the model to serve (see the model settings; required)"),
+    Setting("gpu_layers", (int,), 0, "-ngl: layers offloaded to the GPU; 0 is a CPU-only service",
+            allowed="a non-negative integer", check=_non_negative),
+    Setting("ctx_size", (int,), 4096, "-c: total context, shared by the slots",
+            allowed="a positive integer", check=_positive),
+    Setting("parallel", (int,), 4, "-np: parallel slots (concurrent requests)",
+            allowed="a positive integer", check=_positive),
+    Setting("flash_attn", (str,), "on", "-fa: flash attention (required for a quantized V cache)",
+            choices=ON_OFF_AUTO),
+    Setting("cache_type_k", (str,), "f16", "-ctk: K cache type", choices=CACHE_TYPES),
+    Setting("cache_type_v", (str,), "f16", "-ctv: V cache type", choices=CACHE_TYPES),
+    Setting("load_mode", (str,), "mmap+mlock",
+            "--load-mode (the guide's --mlock is mmap+mlock at the pinned commit)", choices=LOAD_MODES),
+    Setting("reasoning", (str,), "auto", "--reasoning: thinking on, off or per request",
+            choices=ON_OFF_AUTO),
+    Setting("reasoning_format", (str,), None, "--reasoning-format (the guide's main service: deepseek)",
+            choices=REASONING_FORMATS),
+    Setting("reasoning_budget", (int,), None, "--reasoning-budget: thinking token cap (-1 unlimited)",
+            allowed="an integer >= -1", check=lambda v: v >= -1),
+    Setting("threads", (int,), None, "-t: CPU threads for generation; unset lets llama.cpp choose",
+            allowed="a positive integer", check=_positive),
+    Setting("metrics", (bool,), True, "--metrics: Prometheus /metrics endpoint"),
+    Setting("alias", (str,), None, "--alias: model name reported by the API"),
+    Setting("gpus", (list,), None, "GPU indexes the service may use (CUDA_VISIBLE_DEVICES)",
+            allowed="a list of non-negative integers", check=_gpu_indexes),
+    Setting("api_key_file", (str,), None,
+            "controller path of a file holding this service's API key; unset: generated on the host",
+            allowed="an absolute path", check=_abs_path),
+    Setting("allow_public_without_key", (bool,), False,
+            "allow a non-loopback bind with the API key disabled (api_key: false)"),
+    Setting("api_key", (bool,), True,
+            "require an API key (true) or serve without one (false); keys themselves never go here"),
+    Setting("extra_args", (list,), (), "extra llama-server arguments, checked against --help",
+            allowed="a list of strings", check=_str_list),
+)
+
+MODEL_SETTINGS: tuple[Setting, ...] = (
+    Setting("profile", (str,), None, "a built-in model profile from the guide",
+            choices=tuple(profiles.PROFILES)),
+    Setting("source", (str,), "hf", "where the file comes from", choices=MODEL_SOURCES),
+    Setting("path", (str,), None, "controller path of the GGUF (source local)",
+            allowed="an absolute path", check=_abs_path),
+    Setting("sha256", (str,), None, "expected sha256 (source local; computed when unset)",
+            allowed="64 lowercase hex digits", check=lambda v: bool(SHA256_RE.match(v))),
+    Setting("repo", (str,), None, "Hugging Face repo, owner/name (source hf or mirror)",
+            allowed="owner/name", check=lambda v: bool(re.match(r"^[\w.-]+/[\w.-]+$", v))),
+    Setting("revision", (str,), "main", "branch, tag or commit of the repo"),
+    Setting("file", (str,), None, "GGUF file in the repo (the first shard of a split GGUF)"),
+    Setting("mmproj", (str,), None, "vision projector file in the same repo (--mmproj)"),
+    Setting("endpoint", (str,), None, "HF_ENDPOINT-style base URL (source mirror)",
+            allowed="an http(s) URL", check=lambda v: v.startswith(("http://", "https://"))),
+    Setting("token_file", (str,), None,
+            "controller path of a file holding the HF token (else HF_TOKEN from the environment)",
+            allowed="an absolute path", check=_abs_path),
+)
+
+SECRET_KEYS = {"api_key_value", "key", "token", "hf_token", "password", "secret"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    path: str | None = None
+    sha256: str | None = None
+    repo: str | None = None
+    revision: str = "main"
+    file: str | None = None
+    mmproj: str | None = None
+    endpoint: str | None = None
+    token_file: str | None = None
+    profile: str | None = None
+
+    @property
+    def filename(self) -> str:
+        if self.source == "local":
+            return self.path.rsplit("/", 1)[-1]
+        return self.file
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    port: int
+    model: ModelSpec
+    host: str = "127.0.0.1"
+    gpu_layers: int = 0
+    ctx_size: int = 4096
+    parallel: int = 4
+    flash_attn: str = "on"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    load_mode: str = "mmap+mlock"
+    reasoning: str = "auto"
+    reasoning_format: str | None = None
+    reasoning_budget: int | None = None
+    threads: int | None = None
+    metrics: bool = True
+    alias: str | None = None
+    gpus: tuple[int, ...] | None = None
+    api_key_file: str | None = None
+    allow_public_without_key: bool = False
+    api_key: bool = True
+    extra_args: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def unit_name(self) -> str:
+        return f"llama-{self.name}.service"
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu_layers > 0
+
+    @property
+    def health_url(self) -> str:
+        address = self.host
+        if address in ("0.0.0.0", "::"):
+            address = "127.0.0.1"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"http://{address}:{self.port}/health"
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    host_name: str
+    llamacpp_source: str
+    llamacpp_git_url: str
+    llamacpp_commit: str
+    llamacpp_build_number: int
+    llamacpp_local_path: str | None
+    install_dir: str
+    model_dir: str
+    config_dir: str
+    service_user: str
+    build_jobs: int
+    cuda_architectures: tuple[str, ...] | None
+    health_timeout: int
+    services: tuple[ServiceSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return any(s.uses_gpu for s in self.services)
+
+    @property
+    def fa_pairs(self) -> tuple[str, ...]:
+        """K/V pairs the services need, always with f16-f16 (the unquantized default)."""
+        pairs = {"f16-f16"} | {f"{s.cache_type_k}-{s.cache_type_v}" for s in self.services}
+        return tuple(sorted(pairs))
+
+
+def _validate_block(where: str, data: Mapping[str, Any], settings: tuple[Setting, ...],
+                    problems: list[str], sep: str = ".") -> dict[str, Any]:
+    """Check ``data`` against ``settings``; return every setting's value, defaults filled in."""
+    known = {s.name: s for s in settings}
+    values: dict[str, Any] = {}
+    for key in data:
+        if key not in known:
+            if key.lower() in SECRET_KEYS:
+                problems.append(
+                    f"{where}{sep}{key}: found a secret in plain settings, expected it in a file "
+                    f"(api_key_file, token_file, or HF_TOKEN in the controller's environment)")
+            else:
+                allowed = ", ".join(sorted(known))
+                problems.append(f"{where}{sep}{key}: found an unknown setting, expected one of {allowed}")
+    for s in settings:
+        value = data.get(s.name, s.default)
+        problem = s.problem(f"{where}{sep}{s.name}", value)
+        if problem:
+            problems.append(problem)
+            continue
+        values[s.name] = value
+    return values
+
+
+def _load_model(where: str, raw: Any, problems: list[str]) -> ModelSpec | None:
+    if raw is None:
+        problems.append(f"{where}: found no model, expected a mapping with source local (path) "
+                        f"or hf/mirror (repo and file), or a profile")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(_line(where, raw, "a mapping"))
+        return None
+    before = len(problems)
+    merged = dict(raw)
+    profile_name = raw.get("profile")
+    if isinstance(profile_name, str) and profile_name in profiles.PROFILES:
+        merged = {**profiles.PROFILES[profile_name].as_settings(), **raw}
+    values = _validate_block(where, merged, MODEL_SETTINGS, problems)
+    if len(problems) > before:
+        return None
+    source = values["source"]
+    if source == "local" and not values["path"]:
+        problems.append(f"{where}.path: found nothing, expected the controller path of the GGUF "
+                        f"for source 'local'")
+    if source in ("hf", "mirror"):
+        for key in ("repo", "file"):
+            if not values[key]:
+                problems.append(f"{where}.{key}: found nothing, expected it for source {source!r}")
+    if source == "mirror" and not values["endpoint"]:
+        problems.append(f"{where}.endpoint: found nothing, expected the mirror's base URL for "
+                        f"source 'mirror'")
+    if source == "local" and values["mmproj"] and not values["mmproj"].startswith("/"):
+        problems.append(f"{where}.mmproj: found {values['mmproj']!r}, expected an absolute "
+                        f"controller path for source 'local'")
+    if len(problems) > before:
+        return None
+    return ModelSpec(**values)
+
+
+def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> ServiceSpec | None:
+    where = f"host {host_name}: llm_services.{name}"
+    if not isinstance(name, str) or not UNIT_NAME_RE.match(name):
+        problems.append(f"host {host_name}: llm_services: found service name {name!r}, expected "
+                        f"lowercase letters, digits and '-', starting with a letter")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(_line(where, raw, "a mapping of service settings"))
+        return None
+    before = len(problems)
+    values = _validate_block(where, {k: v for k, v in raw.items() if k != "model"},
+                             tuple(s for s in SERVICE_SETTINGS if s.name != "model"), problems)
+    if "port" in values and values["port"] is None:
+        problems.append(f"{where}.port: found nothing, expected an integer from 1 to 65535")
+    model = _load_model(f"{where}.model", raw.get("model"), problems)
+    if len(problems) > before:
+        return None
+    if values["ctx_size"] % values["parallel"]:
+        problems.append(f"{where}.ctx_size: found {values['ctx_size']}, expected a multiple of "
+                        f"parallel ({values['parallel']}) so every slot gets the same context")
+    if values["cache_type_v"] not in ("f16", "f32", "bf16") and values["flash_attn"] != "on":
+        problems.append(f"{where}.flash_attn: found {values['flash_attn']!r}, expected 'on' because "
+                        f"cache_type_v {values['cache_type_v']!r} is quantized (llama.cpp needs "
+                        f"flash attention for a quantized V cache)")
+    loopback = ipaddress.ip_address(values["host"]).is_loopback
+    if not values["api_key"] and not loopback and not values["allow_public_without_key"]:
+        problems.append(f"{where}.host: found {values['host']!r} with api_key false, expected a "
+                        f"loopback address, or allow_public_without_key: true to accept the risk")
+    if values["gpus"] is not None and values["gpu_layers"] == 0:
+        problems.append(f"{where}.gpus: found {values['gpus']!r} on a CPU-only service "
+                        f"(gpu_layers 0), expected gpu_layers > 0 or no gpus")
+    if len(problems) > before:
+        return None
+    warnings = tuple(
+        f"{where}.{key}: {t}: {CACHE_TYPE_WARNINGS[t]}"
+        for key, t in (("cache_type_k", values["cache_type_k"]), ("cache_type_v", values["cache_type_v"]))
+        if t in CACHE_TYPE_WARNINGS
+    )
+    values["gpus"] = tuple(values["gpus"]) if values["gpus"] is not None else None
+    values["extra_args"] = tuple(values["extra_args"])
+    return ServiceSpec(name=name, model=model, warnings=warnings, **values)
+
+
+def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
+    """Validate one host's data; raise SettingsError listing every problem."""
+    problems: list[str] = []
+    ours = {k: v for k, v in data.items() if k.startswith(PREFIX)}
+    values = _validate_block(f"host {host_name}", ours, HOST_SETTINGS, problems, sep=": ")
+    services: list[ServiceSpec] = []
+    raw_services = values.get("llm_services")
+    if "llm_services" in values and not raw_services:
+        problems.append(f"host {host_name}: llm_services: found no services, expected a mapping "
+                        f"of service name to settings (group_data/ has the guide's two)")
+    for name, raw in (raw_services or {}).items():
+        service = _load_service(host_name, name, raw, problems)
+        if service:
+            services.append(service)
+    seen_ports: dict[int, str] = {}
+    for service in services:
+        if service.port in seen_ports:
+            problems.append(f"host {host_name}: llm_services.{service.name}.port: found "
+                            f"{service.port}, already used by llm_services.{seen_ports[service.port]}, "
+                            f"expected a port unique on the host")
+        seen_ports.setdefault(service.port, service.name)
+    if values.get("llm_llamacpp_source") == "local" and not values.get("llm_llamacpp_local_path"):
+        problems.append(f"host {host_name}: llm_llamacpp_local_path: found nothing, expected the "
+                        f"controller path of a llama.cpp tarball or git checkout for source 'local'")
+    if problems:
+        raise SettingsError(problems)
+    arches = values["llm_cuda_architectures"]
+    return HostSettings(
+        host_name=host_name,
+        llamacpp_source=values["llm_llamacpp_source"],
+        llamacpp_git_url=values["llm_llamacpp_git_url"],
+        llamacpp_commit=values["llm_llamacpp_commit"],
+        llamacpp_build_number=values["llm_llamacpp_build_number"],
+        llamacpp_local_path=values["llm_llamacpp_local_path"],
+        install_dir=values["llm_install_dir"].rstrip("/"),
+        model_dir=values["llm_model_dir"].rstrip("/"),
+        config_dir=values["llm_config_dir"].rstrip("/"),
+        service_user=values["llm_service_user"],
+        build_jobs=values["llm_build_jobs"],
+        cuda_architectures=tuple(arches) if arches is not None else None,
+        health_timeout=values["llm_health_timeout"],
+        services=tuple(services),
+    )
+
+
+def load_inventory_settings(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, HostSettings]:
+    """Validate every host; raise one SettingsError with the problems of all hosts."""
+    problems: list[str] = []
+    result: dict[str, HostSettings] = {}
+    for host_name, data in hosts.items():
+        try:
+            result[host_name] = load_host_settings(host_name, data)
+        except SettingsError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise SettingsError(problems)
+    return result
