@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from pyinfra.api.exceptions import PyinfraError
+
 from operations import profiles
 
 PREFIX = "llm_"
@@ -41,12 +43,13 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 CUDA_ARCH_RE = re.compile(r"^[1-9][0-9]{1,2}[af]?$")
 
 
-class SettingsError(Exception):
-    """One line per problem: host, setting, value found, what is allowed."""
+class SettingsError(PyinfraError):
+    """One line per problem: host, setting, value found, what is allowed. A PyinfraError, so
+    pyinfra prints it as it is and stops before any operation runs."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("\n".join(problems))
+        super().__init__("invalid settings, no host was changed:\n" + "\n".join(problems))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""The main job: `pyinfra inventory.py deploy.py` turns each host into a llama.cpp server.
+
+Order: validate every host's settings (before anything runs), base packages/user/directories,
+llama.cpp source and build, model files, API keys, then each service's unit behind a health gate,
+one service at a time.
+"""
+
+import logging
+
+from pyinfra import host
+from pyinfra.operations import files
+
+from operations import base, llamacpp, preflight, services, weights
+
+logger = logging.getLogger("llmhost")
+
+settings = preflight.inventory_settings()[host.name]
+for service in settings.services:
+    for warning in service.warnings:
+        logger.warning(f"[{host.name}] {warning}")
+
+base.packages()
+base.service_user(settings)
+base.directories(settings)
+base.helpers()
+
+build = llamacpp.plan_build(settings, backend_flags=("-DGGML_CUDA=OFF",))
+llamacpp.source(name="llama.cpp source", settings=settings, build=build)
+llamacpp.build(name="llama.cpp build", settings=settings, build=build)
+
+models = {}
+for service in settings.services:
+    models[service.name] = weights.plan_local(settings, service.model)
+    for spec in models[service.name].files:
+        weights.pushed_file(name=f"Model file {spec.dest}", spec=spec)
+
+for service in settings.services:
+    key_changed = None
+    path = services.key_path(settings, service)
+    if path and service.api_key_file:
+        key_op = files.put(name=f"API key of {service.name}", src=service.api_key_file, dest=path,
+                           user="root", group=settings.service_user, mode=services.KEY_MODE)
+        key_changed = services.changed(key_op)
+    elif path:
+        services.generated_key(name=f"API key of {service.name}", path=path,
+                               group=settings.service_user)
+    unit_text = services.render_unit(settings, service, build, models[service.name])
+    services.health_gated_unit(
+        name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
+        argv_options=services.argv_options(settings, service, build, models[service.name]),
+        timeout=settings.health_timeout, restart_if=key_changed)

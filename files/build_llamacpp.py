@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Configure and build llama.cpp on the host, printing progress at most every 10 seconds.
+
+Runs on the target host (python3 stdlib only). The build directory is keyed by commit and flags
+by the caller; a build is usable only once its marker file exists, and the marker is written
+after the binary has proven it is the pinned commit. An interrupted build resumes where ninja
+left off on the next run. The full log stays beside the build for failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+MARKER = ".llmhost-build.json"
+PROGRESS_EVERY = 10.0
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_logged(cmd: list[str], log_path: str, label: str, env: dict[str, str]) -> int:
+    """Run cmd with output appended to log_path; print ninja's [n/m] every PROGRESS_EVERY s."""
+    started = time.monotonic()
+    last_print = started
+    last_step = ""
+    with open(log_path, "a", encoding="utf-8", errors="replace") as logf:
+        logf.write(f"\n$ {' '.join(cmd)}\n")
+        logf.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", env=env)
+        for line in proc.stdout:
+            logf.write(line)
+            step = re.match(r"^\[(\d+)/(\d+)\]", line)
+            if step:
+                last_step = f"{step.group(1)}/{step.group(2)} ({100 * int(step.group(1)) // int(step.group(2))}%)"
+            now = time.monotonic()
+            if now - last_print >= PROGRESS_EVERY:
+                log(f"{label}: {last_step or 'running'} after {now - started:.0f}s")
+                last_print = now
+        code = proc.wait()
+    log(f"{label}: {'done' if code == 0 else f'failed ({code})'} in {time.monotonic() - started:.0f}s")
+    return code
+
+
+def tail(path: str, lines: int = 25) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def version_output(build_dir: str) -> str:
+    # llama-server --version prints to stderr.
+    result = subprocess.run([os.path.join(build_dir, "bin", "llama-server"), "--version"],
+                            capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--build-dir", required=True)
+    parser.add_argument("--commit", required=True)
+    parser.add_argument("--targets", required=True, help="comma-separated ninja targets")
+    parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--ccache-dir", default="")
+    parser.add_argument("--cmake-flag", action="append", default=[])
+    args = parser.parse_args()
+
+    marker = os.path.join(args.build_dir, MARKER)
+    if os.path.exists(marker):
+        log(f"build {args.build_dir} is complete; nothing to do")
+        return 0
+    os.makedirs(args.build_dir, exist_ok=True)
+    log_path = args.build_dir + ".log"
+    env = dict(os.environ)
+    if args.ccache_dir:
+        os.makedirs(args.ccache_dir, exist_ok=True)
+        env["CCACHE_DIR"] = args.ccache_dir
+        # Sources live under a per-commit folder: hash relative paths so a new commit still hits.
+        env["CCACHE_BASEDIR"] = os.path.dirname(os.path.abspath(args.src))
+        env["CCACHE_NOHASHDIR"] = "true"
+    jobs = args.jobs or os.cpu_count() or 1
+    started = time.monotonic()
+
+    configure = ["cmake", "-S", args.src, "-B", args.build_dir, "-G", "Ninja", *args.cmake_flag]
+    if run_logged(configure, log_path, "configure", env):
+        log(f"configure failed; log {log_path}:\n{tail(log_path)}")
+        return 1
+    build = ["cmake", "--build", args.build_dir, "--parallel", str(jobs), "--target",
+             *args.targets.split(",")]
+    if run_logged(build, log_path, "build", env):
+        log(f"build failed; log {log_path}:\n{tail(log_path)}")
+        return 1
+
+    version = version_output(args.build_dir)
+    if args.commit[:8] not in version:
+        log(f"build check failed: llama-server --version does not name commit {args.commit[:8]}:\n"
+            f"{version}")
+        return 2
+    record = {"commit": args.commit, "flags": args.cmake_flag, "targets": args.targets.split(","),
+              "version": version.strip().splitlines()[-2:], "seconds": round(time.monotonic() - started)}
+    tmp = marker + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
+    log(f"build {args.build_dir} verified: {version.strip().splitlines()[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The host's base: packages, the service user, directories and our helper scripts."""
+
+from __future__ import annotations
+
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, files, server
+
+from operations.remote import HELPER_DIR
+from operations.settings import HostSettings
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+
+# What building and running llama.cpp on the CPU needs on Debian and Ubuntu.
+BUILD_PACKAGES = ("git", "cmake", "ninja-build", "g++", "ccache", "python3", "ca-certificates",
+                  "libgomp1")
+
+
+def packages() -> None:
+    installed = host.get_fact(DebPackages) or {}
+    missing = [name for name in BUILD_PACKAGES if name not in installed]
+    # Only when something is missing: an apt index refresh on every run would be a change.
+    if missing:
+        apt.packages(name=f"Install build packages ({', '.join(missing)})", packages=missing,
+                     update=True, no_recommends=True)
+
+
+def service_user(settings: HostSettings) -> None:
+    server.group(name=f"Group {settings.service_user}", group=settings.service_user, system=True)
+    server.user(name=f"System user {settings.service_user}", user=settings.service_user,
+                group=settings.service_user, system=True, shell="/usr/sbin/nologin",
+                home=f"/var/lib/{settings.service_user}", create_home=False)
+    # For interactive use of the binaries (llama-bench) as the service user; the services
+    # themselves get LimitMEMLOCK=infinity in their units, since limits.d does not reach them.
+    files.put(name="memlock limit for the service user",
+              src=StringIO(f"{settings.service_user} - memlock unlimited\n"),
+              dest=f"/etc/security/limits.d/90-{settings.service_user}-memlock.conf", mode="644")
+
+
+def directories(settings: HostSettings) -> None:
+    for path in (settings.install_dir, f"{settings.install_dir}/src",
+                 f"{settings.install_dir}/builds", settings.model_dir, HELPER_DIR):
+        files.directory(name=f"Directory {path}", path=path, user="root", group="root", mode="755")
+    files.directory(name=f"Directory {settings.config_dir}", path=settings.config_dir,
+                    user="root", group="root", mode="755")
+    files.directory(name=f"Directory {settings.config_dir}/keys", path=f"{settings.config_dir}/keys",
+                    user="root", group=settings.service_user, mode="750")
+
+
+def helpers() -> None:
+    for script in sorted(FILES.glob("*.py")):
+        files.put(name=f"Helper {script.name}", src=str(script), dest=f"{HELPER_DIR}/{script.name}",
+                  mode="755")

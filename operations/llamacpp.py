@@ -1,0 +1,136 @@
+"""llama.cpp: pinned source on the host, a build keyed by commit and flags, verified before use.
+
+Layout under llm_install_dir:
+    src/<commit>/                    the source, from git or pushed from the controller
+    builds/<commit12>-<flags8>/      one build per commit and flag set, marker written once verified
+    builds/<...>.log                 the build log, kept for failures
+    ccache/                          shared by every build, so a flag change recompiles only what changed
+A new commit or flag set builds beside the old build, which keeps serving until the unit switch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, operation
+
+from operations import remote
+from operations.facts import DirectoryExists, JsonFile
+from operations.settings import HostSettings
+
+TARGETS = ("llama-server", "llama-bench")
+SOURCE_MARKER = ".llmhost-source"
+BUILD_MARKER = ".llmhost-build.json"
+
+# Offline-safe, server-only configuration (NOTES.md): no web UI download at build time, no
+# OpenSSL (models come from our own downloader, not -hf), no tests or examples.
+BASE_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DGGML_CCACHE=ON",
+)
+
+
+@dataclass(frozen=True)
+class Build:
+    source_dir: str
+    build_dir: str
+    cmake_flags: tuple[str, ...]
+
+    @property
+    def server_binary(self) -> str:
+        return f"{self.build_dir}/bin/llama-server"
+
+    @property
+    def bench_binary(self) -> str:
+        return f"{self.build_dir}/bin/llama-bench"
+
+
+def cmake_flags(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Every cmake -D of the build; the build directory's name hashes them."""
+    return (
+        *BASE_CMAKE_FLAGS,
+        f"-DLLAMA_BUILD_COMMIT={settings.llamacpp_commit}",
+        f"-DLLAMA_BUILD_NUMBER={settings.llamacpp_build_number}",
+        *backend_flags,
+    )
+
+
+def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> Build:
+    flags = cmake_flags(settings, backend_flags)
+    key = hashlib.sha256("\n".join(flags + TARGETS).encode()).hexdigest()[:8]
+    base = settings.install_dir
+    return Build(
+        source_dir=f"{base}/src/{settings.llamacpp_commit}",
+        build_dir=f"{base}/builds/{settings.llamacpp_commit[:12]}-{key}",
+        cmake_flags=flags,
+    )
+
+
+def local_source_tarball(settings: HostSettings) -> str:
+    """A .tar.gz of the pinned commit on the controller: the given tarball, or `git archive` of
+    the given checkout (cached, so a rerun does not archive again)."""
+    path = Path(settings.llamacpp_local_path)
+    if path.is_file():
+        return str(path)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmhost"
+    cache.mkdir(parents=True, exist_ok=True)
+    tarball = cache / f"llama.cpp-{settings.llamacpp_commit}.tar.gz"
+    if not tarball.exists():
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".partial", delete=False) as tmp:
+            subprocess.run(["git", "-C", str(path), "archive", "--format=tar.gz", "-o", tmp.name,
+                            settings.llamacpp_commit], check=True)
+        os.replace(tmp.name, tarball)
+    return str(tarball)
+
+
+@operation()
+def source(settings: HostSettings, build: Build):
+    """Put the pinned source at src/<commit>, from git or from the controller."""
+    if host.get_fact(JsonFile, path=f"{build.source_dir}/{SOURCE_MARKER}"):
+        host.noop(f"llama.cpp source {settings.llamacpp_commit[:12]} is present")
+        return
+    src = shlex.quote(build.source_dir)
+    tmp = shlex.quote(build.source_dir + ".partial")
+    marker = shlex.quote(f"{build.source_dir}.partial/{SOURCE_MARKER}")
+    yield f"rm -rf {tmp} && mkdir -p {tmp}"
+    if settings.llamacpp_source == "git":
+        # A shallow fetch of the exact commit (GitHub serves any reachable sha).
+        url = shlex.quote(settings.llamacpp_git_url)
+        commit = shlex.quote(settings.llamacpp_commit)
+        yield (f"git -C {tmp} init -q && git -C {tmp} fetch -q --depth 1 {url} {commit} "
+               f"&& git -C {tmp} -c advice.detachedHead=false checkout -q FETCH_HEAD "
+               f"&& test \"$(git -C {tmp} rev-parse HEAD)\" = {commit}")
+    else:
+        remote_tarball = f"{build.source_dir}.tar.gz"
+        yield FileUploadCommand(local_source_tarball(settings), remote_tarball)
+        yield (f"tar -xzf {shlex.quote(remote_tarball)} -C {tmp} --strip-components=1 "
+               f"&& rm -f {shlex.quote(remote_tarball)}")
+    yield f"echo {shlex.quote(settings.llamacpp_commit)} > {marker} && rm -rf {src} && mv {tmp} {src}"
+
+
+@operation()
+def build(settings: HostSettings, build: Build):
+    """Build the needed targets; a build whose marker exists is never rebuilt."""
+    if host.get_fact(JsonFile, path=f"{build.build_dir}/{BUILD_MARKER}"):
+        host.noop(f"llama.cpp build {os.path.basename(build.build_dir)} is complete")
+        return
+    args = ["--src", build.source_dir, "--build-dir", build.build_dir,
+            "--commit", settings.llamacpp_commit, "--targets", ",".join(TARGETS),
+            "--jobs", str(settings.build_jobs), "--ccache-dir", f"{settings.install_dir}/ccache"]
+    # "=" form: argparse would take a bare "-DFOO" for an option of its own.
+    args += [f"--cmake-flag={flag}" for flag in build.cmake_flags]
+    yield remote.streamed(remote.helper_command("build_llamacpp.py", *args),
+                          f"llama.cpp build {os.path.basename(build.build_dir)}")

@@ -1,0 +1,48 @@
+"""Checks that run before any host changes: every host's settings, then what the controller must
+have (local files named by the settings). Problems of all hosts are reported together."""
+
+from __future__ import annotations
+
+import os
+
+from pyinfra import state
+
+from operations.settings import HostSettings, SettingsError, load_inventory_settings
+
+_validated: dict[int, dict[str, HostSettings]] = {}
+
+
+def controller_problems(settings: HostSettings) -> list[str]:
+    """Files on the controller that the settings name must exist and be readable."""
+    problems = []
+    where = f"host {settings.host_name}"
+
+    def need(path: str | None, setting: str, what: str) -> None:
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"{where}: {setting}: found {path!r}, which does not exist or is not "
+                            f"readable on the controller; expected {what}")
+
+    if settings.llamacpp_source == "local":
+        need(settings.llamacpp_local_path, "llm_llamacpp_local_path",
+             "a llama.cpp .tar.gz or git checkout")
+    for service in settings.services:
+        prefix = f"llm_services.{service.name}"
+        if service.model.source == "local":
+            need(service.model.path, f"{prefix}.model.path", "the GGUF file to push")
+            need(service.model.mmproj, f"{prefix}.model.mmproj", "the projector file to push")
+        need(service.api_key_file, f"{prefix}.api_key_file", "a file holding the API key")
+        need(service.model.token_file, f"{prefix}.model.token_file", "a file holding the HF token")
+    return problems
+
+
+def inventory_settings() -> dict[str, HostSettings]:
+    """Validate every host of the inventory once per run, before the first operation."""
+    key = id(state)
+    if key not in _validated:
+        hosts = {h.name: h.data.dict() for h in state.inventory}
+        settings = load_inventory_settings(hosts)
+        problems = [p for s in settings.values() for p in controller_problems(s)]
+        if problems:
+            raise SettingsError(problems)
+        _validated[key] = settings
+    return _validated[key]

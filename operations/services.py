@@ -1,0 +1,120 @@
+"""The llama-server services: user, API keys, units rendered from typed settings, and a
+health-gated switch that rolls back to the previous unit (and so the previous build and model)
+when the new one does not come up."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+from pyinfra import host, state
+from pyinfra.api import operation
+from pyinfra.facts.files import File
+
+from operations import remote
+from operations.facts import ServerOptions, UnitState
+from operations.flags import ServerPaths, option_names, server_argv, systemd_exec_line
+from operations.llamacpp import Build
+from operations.settings import HostSettings, ServiceSpec
+from operations.weights import PlacedModel
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+KEY_MODE = "640"
+
+
+def key_path(settings: HostSettings, service: ServiceSpec) -> str | None:
+    if not service.api_key:
+        return None
+    return f"{settings.config_dir}/keys/{service.name}.key"
+
+
+def gpu_devices(service: ServiceSpec) -> list[str]:
+    """Device nodes a GPU service needs behind DevicePolicy=closed (by major name, so every
+    card and every nvidia-caps node is covered)."""
+    if not service.uses_gpu:
+        return []
+    return ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset",
+            "char-nvidia-frontend", "char-nvidia-caps", "char-nvidia-uvm"]
+
+
+def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> str:
+    argv = server_argv(service, unit_paths(settings, service, build, model))
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                                     lstrip_blocks=True, keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined, autoescape=False)
+    return environment.get_template("llama-server.service.j2").render(
+        service=service,
+        unit_name=service.unit_name,
+        user=settings.service_user,
+        exec_line=systemd_exec_line(argv),
+        model_name=model.model_path.rsplit("/", 1)[-1],
+        model_fingerprint=model.fingerprint,
+        cuda_visible_devices=",".join(map(str, service.gpus)) if service.gpus is not None else None,
+        gpu_devices=gpu_devices(service),
+    )
+
+
+def unit_paths(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> ServerPaths:
+    return ServerPaths(binary=build.server_binary, model=model.model_path,
+                       mmproj=model.mmproj_path, api_key_file=key_path(settings, service))
+
+
+@operation()
+def generated_key(path: str, group: str):
+    """An API key made on the host on first deploy: never leaves it, never printed."""
+    info = host.get_fact(File, path=path)
+    if info and info["size"] > 0 and info["user"] == "root" and info["group"] == group \
+            and info["mode"] == int(KEY_MODE):
+        host.noop(f"API key {path} is present with root:{group} {KEY_MODE}")
+        return
+    q = shlex.quote(path)
+    tmp = shlex.quote(path + ".tmp")
+    if not info or info["size"] == 0:
+        yield (f"umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {tmp} "
+               f"&& mv {tmp} {q}")
+    yield f"chown root:{shlex.quote(group)} {q} && chmod {KEY_MODE} {q}"
+
+
+@operation()
+def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[str],
+                      timeout: int, restart_if: Callable[[], bool] | None = None):
+    """Install the unit and restart behind /health; roll back to the previous unit on failure.
+
+    Before anything changes, every option of the new argv must be one the built binary's
+    --help lists: an unknown flag fails the host with the running service untouched.
+    """
+    current = host.get_fact(UnitState, unit=service.unit_name)
+    wanted = hashlib.sha256(unit_text.encode()).hexdigest()
+    forced = bool(restart_if and restart_if())
+    if current["sha256"] == wanted and current["enabled"] and current["active"] and not forced:
+        host.noop(f"{service.unit_name} is up to date and active")
+        return
+    binary = argv_options[0]
+    # None while planning a fresh host (no build yet); at execution the build exists.
+    known = host.get_fact(ServerOptions, binary=binary)
+    unknown = [name for name in argv_options[1:] if known is not None and name not in known]
+    if unknown:
+        yield remote.fail(
+            f"host {host.name}: llm_services.{service.name}: found {', '.join(unknown)}, which "
+            f"{binary} --help does not list; expected only options this llama.cpp build accepts "
+            f"(check extra_args and llm_llamacpp_commit). The running service was not changed.")
+        return
+    request = json.dumps({"unit": service.unit_name, "text": unit_text,
+                          "health_url": service.health_url, "timeout": timeout})
+    yield remote.streamed(remote.helper_command("switch_service.py"),
+                          f"switch of {service.unit_name}", stdin=request)
+
+
+def changed(op_meta) -> Callable[[], bool]:
+    """`did_change` at execution time, `will_change` while pyinfra is still planning."""
+    return lambda: op_meta.did_change() if state.is_executing else bool(op_meta.will_change)
+
+
+def argv_options(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> list[str]:
+    """The binary followed by the option names of the service's argv (what --help must list)."""
+    argv = server_argv(service, unit_paths(settings, service, build, model))
+    return [argv[0], *option_names(argv)]
