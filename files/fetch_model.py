@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import threading
@@ -258,18 +259,17 @@ class Download:
         self.queue = self.plan.pending()
         workers = [threading.Thread(target=self._worker, daemon=True)
                    for _ in range(max(1, min(connections, len(self.queue))))]
-        fd = os.open(self.partial, os.O_WRONLY)
-        self.fd = fd
+        self.fd = os.open(self.partial, os.O_WRONLY)
         try:
             for w in workers:
                 w.start()
             self._watch(workers)
-        finally:
+        finally:  # also on Ctrl-C / SIGTERM: keep what arrived for the next run
             self.stop.set()
             for w in workers:
                 w.join()
-            os.fsync(fd)
-            os.close(fd)
+            self.save_state()
+            os.close(self.fd)
 
     def _watch(self, workers: list[threading.Thread]) -> None:
         """Main thread: progress lines and the resume state, until the workers end."""
@@ -278,7 +278,7 @@ class Download:
         while any(w.is_alive() for w in workers):
             time.sleep(0.2)
             progress.maybe_print(self.plan.total_done())
-            if time.monotonic() - last_save >= 2:
+            if time.monotonic() - last_save >= 3:
                 self.save_state()
                 last_save = time.monotonic()
             if self.fatal or self.range_ignored:
@@ -515,7 +515,6 @@ def download(args, name: str, dest: str, token: str | None) -> None:
         job = Download(args, name, partial, plan, http)
         job.run(connections)
         received += job.received
-        job.save_state()
         if job.fatal:
             raise job.fatal
         if not job.range_ignored:
@@ -628,8 +627,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # pyinfra or a dropped SSH session ends us with SIGTERM/SIGHUP: unwind so the state is saved.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     token = sys.stdin.readline().strip() or None if args.token_stdin else None
     socket.setdefaulttimeout(args.timeout)
     try:
