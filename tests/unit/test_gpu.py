@@ -1,0 +1,233 @@
+"""GPU fact parsers on recorded outputs, and the build inputs computed from them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from operations import gpu
+from operations.gpu import Gpu, GpuFacts, KernelModule, Toolkit
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
+
+
+def lines(name: str) -> list[str]:
+    return (FIXTURES / name).read_text().splitlines()
+
+
+def text(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+# --- nvidia-smi -------------------------------------------------------------------------------
+
+def test_h100_row_as_recorded():
+    assert gpu.parse_nvidia_smi(lines("smi-h100.txt")) == [
+        Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", "580.159.04", 81559)]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("smi-rtx5090.txt", Gpu(0, "NVIDIA GeForce RTX 5090", "12.0", "575.57.08", 32607)),
+    ("smi-rtx4090.txt", Gpu(0, "NVIDIA GeForce RTX 4090", "8.9", "550.120", 24564)),
+    ("smi-gtx1060.txt", Gpu(0, "NVIDIA GeForce GTX 1060 6GB", "6.1", "535.183.01", 6144)),
+])
+def test_single_gpu_rows(name, expected):
+    assert gpu.parse_nvidia_smi(lines(name)) == [expected]
+
+
+def test_two_gpus_keep_their_indexes():
+    gpus = gpu.parse_nvidia_smi(lines("smi-rtx5090-gtx1060.txt"))
+    assert [(g.index, g.compute_cap) for g in gpus] == [(0, "12.0"), (1, "6.1")]
+
+
+def test_driver_error_text_is_no_gpu():
+    assert gpu.parse_nvidia_smi(lines("smi-no-driver.txt")) == []
+
+
+def test_row_with_units_comma_in_name_and_unknown_cap():
+    rows = ["0, NVIDIA H100 80GB HBM3, 9.0, 580.159.04, 81559 MiB",
+            "1, Odd, Name, 8.6, 550.1, 100",
+            "2, Old Card, [N/A], 470.1, 2048"]
+    assert gpu.parse_nvidia_smi(rows) == [
+        Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", "580.159.04", 81559),
+        Gpu(1, "Odd, Name", "8.6", "550.1", 100),
+        Gpu(2, "Old Card", "", "470.1", 2048),
+    ]
+
+
+# --- kernel module, nvcc, meminfo ---------------------------------------------------------------
+
+def test_open_module():
+    assert gpu.parse_driver_version_file(text("driver-open.txt")) == KernelModule("open", "575.57.08")
+
+
+def test_proprietary_module():
+    assert gpu.parse_driver_version_file(text("driver-proprietary.txt")) == KernelModule(
+        "proprietary", "550.120")
+
+
+def test_no_module_file():
+    assert gpu.parse_driver_version_file("") == KernelModule()
+
+
+@pytest.mark.parametrize("name, version", [
+    ("nvcc-12.8.txt", "12.8.93"), ("nvcc-13.0.txt", "13.0.88"), ("nvcc-12.4.txt", "12.4.131")])
+def test_nvcc_versions(name, version):
+    assert gpu.parse_nvcc_version(text(name)) == version
+
+
+def test_not_nvcc():
+    assert gpu.parse_nvcc_version("bash: nvcc: command not found") is None
+
+
+def test_meminfo_in_bytes():
+    assert gpu.parse_meminfo(["MemTotal:       24684096 kB", "HugePages_Total:       0"]) == {
+        "MemTotal": 24684096 * 1024, "HugePages_Total": 0}
+
+
+# --- the one fact -----------------------------------------------------------------------------
+
+def test_whole_fact_on_a_5090_host():
+    facts = gpu.parse_gpu_host(lines("host-rtx5090.txt"))
+    assert facts.gpus == (Gpu(0, "NVIDIA GeForce RTX 5090", "12.0", "575.57.08", 32607),)
+    assert facts.smi == "ok"
+    assert facts.module == KernelModule("open", "575.57.08", nouveau=False)
+    assert facts.pci_gpus == 1
+    # /usr/local/cuda links to cuda-12.8: one toolkit per real nvcc
+    assert facts.toolkits == (Toolkit("/usr/local/cuda-12.8/bin/nvcc", "12.8.93"),
+                              Toolkit("/usr/local/cuda-12.4/bin/nvcc", "12.4.131"))
+    assert facts.mem_total_bytes == 131072000 * 1024
+    assert facts.free_bytes_by_path() == {"/opt/llama.cpp": 53687091200,
+                                          "/var/lib/llama-models": 214748364800}
+    assert facts.mount_by_path() == {"/opt/llama.cpp": "/", "/var/lib/llama-models": "/srv"}
+    assert facts.driver_version == "575.57.08"
+
+
+def test_whole_fact_recorded_on_the_dev_machine():
+    facts = gpu.parse_gpu_host(lines("host-dev-no-gpu.txt"))
+    assert facts.gpus == () and facts.smi == "absent" and facts.pci_gpus == 0
+    assert facts.module == KernelModule()
+    assert {t.version for t in facts.toolkits} == {"13.0.88"}
+    assert "/usr/local/cuda-13.0/bin/nvcc" in {t.path for t in facts.toolkits}
+    assert facts.mem_total_bytes > 0 and len(facts.disks) == 2
+
+
+def test_failed_smi_and_nouveau():
+    out = ["### nvidia-smi 9", *lines("smi-no-driver.txt"), "### driver", "### modules", "nouveau"]
+    facts = gpu.parse_gpu_host(out)
+    assert facts.gpus == ()
+    assert facts.smi.startswith("failed: NVIDIA-SMI has failed because it couldn't communicate")
+    assert facts.module.nouveau is True and facts.driver_version is None
+
+
+def test_fact_class_processes_and_defaults():
+    fact = gpu.GpuHost()
+    assert fact.process(lines("host-rtx5090.txt")).gpus[0].compute_cap == "12.0"
+    assert fact.default() == GpuFacts()
+    assert gpu.NvidiaGpus().default() == []
+    assert gpu.NvidiaGpus().process(lines("smi-h100.txt"))[0].memory_mib == 81559
+
+
+def test_fact_command_runs_here_and_exits_zero():
+    # the dev machine has no GPU and no nvidia-smi: the command must still succeed, and
+    # a folder that does not exist yet is measured on the filesystem it will be made on
+    command = gpu.GpuHost().command(paths=("/nonexistent/llmhost/builds",))
+    run = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    facts = gpu.parse_gpu_host(run.stdout.splitlines())
+    assert [d.path for d in facts.disks] == ["/nonexistent/llmhost/builds"]
+    assert facts.disks[0].free_bytes > 0 and facts.disks[0].mount == "/"
+
+
+def test_nvidia_gpus_command_exits_zero_without_nvidia_smi():
+    run = subprocess.run(["sh", "-c", gpu.NvidiaGpus().command()], capture_output=True, text=True)
+    assert run.returncode == 0
+
+
+# --- build inputs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cap, arch", [
+    ("12.0", "120a"), ("12.1", "121a"), ("10.0", "100"), ("9.0", "90"), ("8.9", "89"),
+    ("8.6", "86"), ("6.1", "61")])
+def test_cuda_arch_for(cap, arch):
+    assert gpu.cuda_arch_for(cap) == arch
+
+
+def test_cuda_arch_for_rejects_garbage():
+    with pytest.raises(ValueError, match="not MAJOR.MINOR"):
+        gpu.cuda_arch_for("[N/A]")
+
+
+def test_architectures_union_sorted_by_number():
+    gpus = gpu.parse_nvidia_smi(lines("smi-rtx5090-gtx1060.txt") + lines("smi-rtx4090.txt"))
+    assert gpu.architectures_for(gpus, None) == ("61", "89", "120a")
+
+
+def test_architectures_one_entry_per_kind_and_override_wins():
+    h100 = gpu.parse_nvidia_smi(lines("smi-h100.txt")) * 2
+    assert gpu.architectures_for(h100, None) == ("90",)
+    assert gpu.architectures_for(h100, ("90a", "89")) == ("90a", "89")
+    assert gpu.architectures_for([], None) == ()
+
+
+def test_system_info_archs():
+    assert gpu.system_info_archs(["120a", "61"]) == "610,1200"
+    assert gpu.system_info_archs(["90"]) == "900"
+
+
+def test_fa_quants_f16_first_then_sorted_without_duplicates():
+    assert gpu.fa_quants(["q4_0-q8_0"]) == "f16-f16;q4_0-q8_0"
+    assert gpu.fa_quants(["q4_0-q8_0", "f16-f16", "q4_0-q8_0"]) == "f16-f16;q4_0-q8_0"
+    assert gpu.fa_quants([]) == "f16-f16"
+    assert gpu.fa_quants([*gpu.FA_DEFAULT_PAIRS, "q4_0-q8_0"]) == (
+        "f16-f16;bf16-bf16;q4_0-q4_0;q4_0-q8_0;q8_0-q8_0")
+
+
+def test_fa_quants_drops_types_ggml_cannot_compile():
+    assert gpu.fa_quants(["iq4_nl-iq4_nl", "f32-f16", "q8_0-q8_0"]) == "f16-f16;q8_0-q8_0"
+    assert gpu.uncompilable_fa_pairs(["iq4_nl-iq4_nl", "f32-f16", "q8_0-q8_0"]) == [
+        "f32-f16", "iq4_nl-iq4_nl"]
+
+
+def test_fa_types_match_the_pinned_source():
+    # ggml/cmake/common.cmake at the pinned commit, when the checkout is on this machine
+    source = Path("/var/cache/llmhost/llama.cpp-0c1e57098bba/ggml/cmake/common.cmake")
+    if not source.exists():
+        pytest.skip("pinned llama.cpp checkout not cached here")
+    assert "set(FA_TYPES " + " ".join(gpu.FA_TYPES) + ")" in source.read_text()
+
+
+def test_cuda_cmake_flags():
+    assert gpu.cuda_cmake_flags("/usr/local/cuda-12.8/bin/nvcc", ("61", "120a"), ["q4_0-q8_0"]) == [
+        "-DGGML_CUDA=ON",
+        "-DCMAKE_CUDA_COMPILER=/usr/local/cuda-12.8/bin/nvcc",
+        "-DCMAKE_CUDA_ARCHITECTURES=61;120a",
+        "-DGGML_CUDA_FA_QUANTS=f16-f16;q4_0-q8_0",
+    ]
+
+
+def test_cuda_cmake_flags_refuse_an_empty_arch_list():
+    with pytest.raises(ValueError, match="no CUDA architectures"):
+        gpu.cuda_cmake_flags("/usr/bin/nvcc", (), [])
+
+
+# --- toolkit choice ---------------------------------------------------------------------------
+
+def test_build_toolkit_is_the_newest_found_or_the_one_installed():
+    facts = gpu.parse_gpu_host(lines("host-rtx5090.txt"))
+    assert gpu.build_toolkit(facts, False, "12-8") == Toolkit("/usr/local/cuda-12.8/bin/nvcc", "12.8.93")
+    assert gpu.build_toolkit(facts, True, "12-9") == Toolkit("/usr/local/cuda-12.9/bin/nvcc", "12.9")
+    assert gpu.build_toolkit(GpuFacts(), False, "12-8") is None
+
+
+def test_toolkit_nvcc_path_accepts_both_spellings():
+    assert gpu.toolkit_nvcc_path("12-8") == gpu.toolkit_nvcc_path("12.8") == "/usr/local/cuda-12.8/bin/nvcc"
+
+
+@pytest.mark.parametrize("toolkit, driver", [
+    ("12.8", "570.26"), ("12.8.93", "570.26"), ("13.0.88", "580.65.06"), ("12.4", "550.54.14"),
+    ("12.5", "550.54.14"), ("13.1", "580.65.06"), ("11.8", None)])
+def test_driver_needed(toolkit, driver):
+    assert gpu.driver_needed(toolkit) == driver
