@@ -349,12 +349,16 @@ def newest_toolkit(toolkits: Iterable[Toolkit]) -> Toolkit | None:
     return max(toolkits, key=lambda t: _version_tuple(t.version), default=None)
 
 
-def build_toolkit(facts: GpuFacts, install_enabled: bool, install_version: str) -> Toolkit | None:
-    """The nvcc the build will use: the one we install when enabled, else the newest found."""
+def build_toolkit(facts: GpuFacts, install_enabled: bool, install_version: str,
+                  archs: Sequence[str] = ()) -> Toolkit | None:
+    """The nvcc the build will use: the one we install when enabled, else the newest found that
+    compiles every arch in ``archs`` (CUDA 13 dropped sm < 75), else the newest found."""
     if install_enabled:
         major, minor = _release(install_version)
         return Toolkit(toolkit_nvcc_path(install_version), f"{major}.{minor}")
-    return newest_toolkit(facts.toolkits)
+    low, _, high, _ = _toolkit_bounds(archs)
+    fitting = [t for t in facts.toolkits if low <= t.release and (high is None or t.release < high)]
+    return newest_toolkit(fitting) or newest_toolkit(facts.toolkits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +376,8 @@ def gpu_preflight_problems(host_name: str, gpu_facts: GpuFacts, settings: HostSe
         return [_no_driver(where, gpu_facts, gpu_services)] + _toolkit_problems(
             where, gpu_facts, architectures_for((), settings.cuda_architectures),
             toolkit_install_enabled, toolkit_version)
-    toolkit = build_toolkit(gpu_facts, toolkit_install_enabled, toolkit_version)
     archs = architectures_for(gpu_facts.gpus, settings.cuda_architectures)
+    toolkit = build_toolkit(gpu_facts, toolkit_install_enabled, toolkit_version, archs)
     problems: list[str] = []
     problems += _driver_problems(where, gpu_facts, toolkit, toolkit_install_enabled)
     problems += _module_problems(where, gpu_facts)
@@ -495,7 +499,7 @@ def _toolkit_bounds(archs: Sequence[str]) -> tuple[tuple[int, int], list[str], t
 def _toolkit_problems(where: str, facts: GpuFacts, archs: Sequence[str], install_enabled: bool,
                       install_version: str) -> list[str]:
     low, low_archs, high, high_archs = _toolkit_bounds(archs)
-    need_text = f"{low[0]}.{low[1]} or newer" if low_archs else "a CUDA 12 or newer toolkit"
+    need_text = f"{low[0]}.{low[1]} or newer" if low_archs else "from CUDA 12 or newer"
     for_archs = f" for CUDA architectures {';'.join(low_archs)}" if low_archs else ""
     if install_enabled:
         release = _release(install_version)
@@ -509,7 +513,7 @@ def _toolkit_problems(where: str, facts: GpuFacts, archs: Sequence[str], install
                     f"(CUDA 13 dropped Maxwell, Pascal and Volta); fix: set "
                     f"llm_cuda_toolkit_version: '12-8'"]
         return []
-    toolkit = newest_toolkit(facts.toolkits)
+    toolkit = build_toolkit(facts, False, "", archs)
     if toolkit is None:
         return [f"{where}: CUDA toolkit: found no nvcc (PATH, /usr/local/cuda*/bin), expected "
                 f"nvcc {need_text}{for_archs}; fix: {KEYRING_FIX}"]
@@ -518,11 +522,6 @@ def _toolkit_problems(where: str, facts: GpuFacts, archs: Sequence[str], install
                 f"{need_text}{for_archs}; fix: {KEYRING_FIX}, or install CUDA "
                 f"{low[0]}.{low[1]}+ yourself"]
     if high and toolkit.release >= high:
-        older = [t for t in facts.toolkits if low <= t.release < high]
-        if older:  # the build should pick the older one; say which
-            return [f"{where}: CUDA toolkit: found nvcc {toolkit.version} ({toolkit.path}) as the "
-                    f"newest, expected one older than 13.0 for CUDA architectures "
-                    f"{';'.join(high_archs)}; fix: remove it or build with {older[-1].path}"]
         return [f"{where}: CUDA toolkit: found nvcc {toolkit.version} ({toolkit.path}), expected "
                 f"one older than 13.0 for CUDA architectures {';'.join(high_archs)} (CUDA 13 "
                 f"dropped Maxwell, Pascal and Volta); fix: {KEYRING_FIX}"]
