@@ -126,10 +126,10 @@ class FakeHF:
         self._servers: list[ThreadingHTTPServer] = []
 
     # ------------------------------------------------------------------ set-up
-    def add_repo(self, repo: str, files: dict[str, Path | bytes], *, refs: dict[str, str] | None = None,
+    def add_repo(self, repo: str, files: dict[str, Path | bytes], *, refs: tuple[str, ...] = (),
                  gated: bool = False, private: bool = False, token: str | None = None,
                  non_lfs: tuple[str, ...] = (), sha256: dict[str, str] | None = None) -> str:
-        """Register a repo with one commit; ``refs`` names branches/tags (``main`` always).
+        """Register a repo with one commit; ``refs`` are more branch/tag names for it (``main`` always).
         Returns the commit sha. ``sha256`` may give known hashes to skip hashing big files."""
         entries = {}
         for name, source in files.items():
@@ -143,7 +143,7 @@ class FakeHF:
                                          lfs=name not in non_lfs)
         commit = hashlib.sha1("\0".join([repo] + [f"{n}:{f.sha256}" for n, f in sorted(entries.items())])
                               .encode()).hexdigest()
-        names = {"main": commit, **{k: commit for k in (refs or {})}}
+        names = {"main": commit, **{ref: commit for ref in refs}}
         self.repos[repo] = FakeRepo(repo, commit, entries, names, gated, private, token)
         return commit
 
