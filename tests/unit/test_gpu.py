@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -231,3 +232,121 @@ def test_toolkit_nvcc_path_accepts_both_spellings():
     ("12.5", "550.54.14"), ("13.1", "580.65.06"), ("11.8", None)])
 def test_driver_needed(toolkit, driver):
     assert gpu.driver_needed(toolkit) == driver
+
+
+# --- operations/cuda.py: the optional toolkit install -----------------------------------------
+
+import hashlib  # noqa: E402
+
+from pyinfra.api.exceptions import OperationValueError  # noqa: E402
+from pyinfra.context import ctx_host  # noqa: E402
+from pyinfra.facts.deb import DebPackages  # noqa: E402
+from pyinfra.facts.files import Sha256File  # noqa: E402
+from pyinfra.facts.server import Arch, LinuxDistribution  # noqa: E402
+
+from operations import cuda  # noqa: E402
+
+UBUNTU_2404 = {"name": "Ubuntu", "major": 24, "minor": 4, "release_meta": {}}
+PIN_SHA = hashlib.sha256(cuda.PIN_TEXT.encode()).hexdigest()
+
+
+class FakeHost:
+    """Answers the facts an operation reads; records noops."""
+
+    def __init__(self, packages, pin_sha=None, distro=UBUNTU_2404, arch="x86_64"):
+        self.facts = {DebPackages: packages, Sha256File: pin_sha, LinuxDistribution: distro,
+                      Arch: arch}
+        self.asked: list[type] = []
+        self.noops: list[str] = []
+
+    def get_fact(self, cls, **kwargs):
+        self.asked.append(cls)
+        return self.facts[cls]
+
+    def noop(self, description):
+        self.noops.append(description)
+
+
+def run_toolkit_op(fake, version="12-8"):
+    with ctx_host.use(fake):
+        return list(cuda.toolkit._inner(version=version))
+
+
+def test_toolkit_op_on_a_fresh_host():
+    fake = FakeHost({"python3": ["3.12.3"]})
+    commands = run_toolkit_op(fake)
+    assert [str(c) for c in commands[:3]] == [
+        f"{cuda.APT} install -y --no-install-recommends ca-certificates",
+        "t=$(mktemp --suffix=.deb) && python3 -c 'import sys, urllib.request; "
+        "urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' https://developer.download.nvidia.com"
+        "/compute/cuda/repos/ubuntu2404/x86_64/cuda-keyring_1.1-1_all.deb \"$t\" && dpkg -i \"$t\"; "
+        "r=$?; rm -f \"$t\"; exit $r",
+        f"printf '%s' {shlex.quote(cuda.PIN_TEXT)} > /etc/apt/preferences.d/llmhost-cuda-no-driver",
+    ]
+    assert str(commands[3]) == f"{cuda.APT} update -q"
+    assert commands[4].args[0] == f"{cuda.APT} install -y --no-install-recommends cuda-toolkit-12-8"
+    assert str(commands[5]) == "test -x /usr/local/cuda-12.8/bin/nvcc"
+    assert len(commands) == 6 and fake.noops == []
+    for command in commands[:3] + [commands[5]]:
+        assert subprocess.run(["sh", "-n", "-c", str(command)]).returncode == 0
+
+
+def test_toolkit_op_is_a_noop_when_converged():
+    fake = FakeHost({"cuda-keyring": ["1.1-1"], "ca-certificates": ["2024"],
+                     "cuda-toolkit-12-8": ["12.8.1-1"]}, pin_sha=PIN_SHA)
+    assert run_toolkit_op(fake) == []
+    assert fake.noops == ["cuda-toolkit-12-8 is installed from NVIDIA's repository"]
+    # a converged host reads two facts, not the distro
+    assert fake.asked == [DebPackages, Sha256File]
+
+
+def test_toolkit_op_installs_only_what_is_missing():
+    fake = FakeHost({"cuda-keyring": ["1.1-1"], "cuda-toolkit-12-4": ["12.4.1-1"]}, pin_sha=PIN_SHA)
+    commands = run_toolkit_op(fake, version="12.8")
+    assert [str(commands[0]), str(commands[-1])] == [
+        f"{cuda.APT} update -q", "test -x /usr/local/cuda-12.8/bin/nvcc"]
+    assert len(commands) == 3
+
+
+def test_toolkit_op_refuses_an_unsupported_distro():
+    fake = FakeHost({}, distro={"name": "Debian", "major": 11, "minor": None})
+    with pytest.raises(OperationValueError, match="Ubuntu 22.04, 24.04 and Debian 12"):
+        run_toolkit_op(fake)
+
+
+def test_pin_command_writes_exactly_the_pinned_text(tmp_path):
+    target = tmp_path / "pin"
+    with ctx_host.use(FakeHost({})):
+        (command,) = list(cuda._driver_pin(str(target)))
+    assert subprocess.run(["sh", "-c", command]).returncode == 0
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == PIN_SHA
+
+
+@pytest.mark.parametrize("distro, arch, repo", [
+    (UBUNTU_2404, "x86_64", "ubuntu2404"),
+    ({"name": "Ubuntu", "major": 22, "minor": 4}, "x86_64", "ubuntu2204"),
+    ({"name": "Debian", "major": 12, "minor": 7}, "x86_64", "debian12"),
+    ({"name": "Ubuntu", "major": 20, "minor": 4}, "x86_64", None),
+    (UBUNTU_2404, "aarch64", None),
+])
+def test_repo_for(distro, arch, repo):
+    assert cuda.repo_for(distro, arch) == repo
+
+
+def test_keyring_url_and_package_names():
+    assert cuda.keyring_url("debian12") == (
+        "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/"
+        "cuda-keyring_1.1-1_all.deb")
+    assert cuda.toolkit_package("12.8") == cuda.toolkit_package("12-8") == "cuda-toolkit-12-8"
+
+
+def test_toolkit_preflight_problems():
+    assert cuda.toolkit_preflight_problems("gpu1", UBUNTU_2404, "x86_64", "12-8") == []
+    assert cuda.toolkit_preflight_problems(
+        "gpu1", {"name": "Ubuntu", "major": 20, "minor": 4}, "x86_64", "12.8-1") == [
+        "host gpu1: llm_cuda_toolkit_install: found Ubuntu 20.4 on x86_64, expected Ubuntu 22.04, "
+        "Ubuntu 24.04 or Debian 12 on x86_64 (NVIDIA's apt repositories we use); fix: install "
+        "CUDA yourself and set llm_cuda_toolkit_install: false"]
+    assert cuda.toolkit_preflight_problems("gpu1", UBUNTU_2404, "x86_64", "latest") == [
+        "host gpu1: llm_cuda_toolkit_version: found 'latest', expected MAJOR-MINOR like '12-8'; "
+        "fix: set llm_cuda_toolkit_version: '12-8'"]
