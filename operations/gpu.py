@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from pyinfra.api import FactBase
@@ -52,6 +52,9 @@ class Gpu:
     compute_cap: str  # "12.0"; "" when the driver cannot say
     driver_version: str
     memory_mib: int
+
+    def to_json(self) -> dict:  # `pyinfra HOST fact operations.gpu.NvidiaGpus` prints it
+        return asdict(self)
 
     @property
     def label(self) -> str:
@@ -98,6 +101,9 @@ class GpuFacts:
         if self.gpus:
             return self.gpus[0].driver_version
         return self.module.version
+
+    def to_json(self) -> dict:  # `pyinfra HOST fact operations.gpu.GpuHost` prints it
+        return asdict(self)
 
     def free_bytes_by_path(self) -> dict[str, int]:
         return {d.path: d.free_bytes for d in self.disks}

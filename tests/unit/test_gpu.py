@@ -115,6 +115,12 @@ def test_whole_fact_recorded_on_the_dev_machine():
     assert facts.mem_total_bytes > 0 and len(facts.disks) == 2
 
 
+def test_fact_prints_as_json_for_the_pyinfra_cli():
+    import json
+    data = json.loads(json.dumps(gpu.parse_gpu_host(lines("host-rtx5090.txt")).to_json()))
+    assert data["gpus"][0]["compute_cap"] == "12.0" and data["module"]["flavour"] == "open"
+
+
 def test_failed_smi_and_nouveau():
     out = ["### nvidia-smi 9", *lines("smi-no-driver.txt"), "### driver", "### modules", "nouveau"]
     facts = gpu.parse_gpu_host(out)
