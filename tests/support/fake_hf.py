@@ -189,10 +189,6 @@ class FakeHF:
                 return self.faults.fail_status
         return None
 
-    def count(self, name: str, n: int) -> None:
-        with self.lock:
-            self.served[name] = self.served.get(name, 0) + n
-
 
 def _handler_for(hub: FakeHF) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
@@ -337,8 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         return (start, end) if start < end else "invalid"
 
     def _stream(self, f: FakeFile, start: int, end: int) -> None:
-        faults, hub = self.hub.faults, self.hub
-        rate = faults.rate_limit
+        rate = self.hub.faults.rate_limit
         block = min(BLOCK, 64 * 1024) if rate else BLOCK
         began, sent, pos = time.monotonic(), 0, start
         while pos < end:
@@ -349,7 +344,6 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(chunk)
                 except OSError:
                     return
-                hub.count(f.name, len(chunk))
                 pos += len(chunk)
                 sent += len(chunk)
             if cut:
@@ -377,6 +371,8 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = bytes(data)
                 if not faults.corrupt_always:
                     faults.corrupt_offset = None
+            # Counted here, under the lock, so parallel connections cannot overshoot drop_after.
+            hub.served[f.name] = hub.served.get(f.name, 0) + len(chunk)
         return chunk, cut
 
     def _drop(self) -> None:
