@@ -5,7 +5,9 @@ llama.cpp source and build, model files, API keys, then each service's unit behi
 one service at a time.
 """
 
+import json
 import logging
+from io import StringIO
 
 from pyinfra import host
 from pyinfra.operations import files
@@ -49,3 +51,8 @@ for service in settings.services:
         name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
         argv_options=services.argv_options(settings, service, build, models[service.name]),
         timeout=settings.health_timeout, restart_if=key_changed)
+
+# Last, so it only describes a host whose every step above succeeded.
+files.put(name="Manifest for tests/host",
+          src=StringIO(json.dumps(services.host_manifest(settings, build, models), indent=1) + "\n"),
+          dest=f"{settings.config_dir}/{services.MANIFEST_NAME}", mode="644")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from pyinfra.api import FactBase
 
-from operations.settings import HostSettings
+if TYPE_CHECKING:  # hints only: the H100 proof imports this module without pyinfra
+    from operations.settings import HostSettings
 
 SMI_QUERY = ("nvidia-smi --query-gpu=index,name,compute_cap,driver_version,memory.total "
              "--format=csv,noheader,nounits")

@@ -11,6 +11,7 @@ A new commit or flag set builds beside the old build, which keeps serving until 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -118,7 +119,8 @@ def source(settings: HostSettings, build: Build):
         yield FileUploadCommand(local_source_tarball(settings), remote_tarball)
         yield (f"tar -xzf {shlex.quote(remote_tarball)} -C {tmp} --strip-components=1 "
                f"&& rm -f {shlex.quote(remote_tarball)}")
-    yield f"echo {shlex.quote(settings.llamacpp_commit)} > {marker} && rm -rf {src} && mv {tmp} {src}"
+    record = shlex.quote(json.dumps({"commit": settings.llamacpp_commit, "from": settings.llamacpp_source}))
+    yield f"echo {record} > {marker} && rm -rf {src} && mv {tmp} {src}"
 
 
 @operation()

@@ -118,3 +118,34 @@ def argv_options(settings: HostSettings, service: ServiceSpec, build: Build, mod
     """The binary followed by the option names of the service's argv (what --help must list)."""
     argv = server_argv(service, unit_paths(settings, service, build, model))
     return [argv[0], *option_names(argv)]
+
+
+MANIFEST_NAME = "llmhost.json"
+
+
+def host_manifest(settings: HostSettings, build: Build, models: dict[str, PlacedModel]) -> dict:
+    """What this deploy promised, written on the host for tests/host to check (no secrets)."""
+    return {
+        "llama_cpp": {"commit": settings.llamacpp_commit, "build_dir": build.build_dir,
+                      "server": build.server_binary, "cmake_flags": list(build.cmake_flags)},
+        "service_user": settings.service_user,
+        "services": [
+            {
+                "name": s.name,
+                "unit": s.unit_name,
+                "host": s.host,
+                "port": s.port,
+                "health_url": s.health_url,
+                "api_key_file": key_path(settings, s),
+                "gpu_layers": s.gpu_layers,
+                "gpus": list(s.gpus) if s.gpus is not None else None,
+                "cache_type_k": s.cache_type_k,
+                "cache_type_v": s.cache_type_v,
+                "load_mode": s.load_mode,
+                "model_path": models[s.name].model_path,
+                "files": [{"path": f.dest, "sha256": f.sha256, "size": f.size}
+                          for f in models[s.name].files],
+            }
+            for s in settings.services
+        ],
+    }

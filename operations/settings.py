@@ -64,7 +64,7 @@ class Setting:
 
     def problem(self, where: str, value: Any) -> str | None:
         """The error line for ``value``, or None when it is valid."""
-        if value is None and self.default is None:
+        if value is self.default:  # defaults are trusted; None means "not set"
             return None
         if isinstance(value, bool) and bool not in self.types:
             return _line(where, value, self.expected())

@@ -1,0 +1,145 @@
+"""argv and units rendered from typed settings, compared flag by flag with the guide's intent."""
+
+from pathlib import Path
+
+import pytest
+
+from operations import flags
+from operations.flags import ServerPaths, server_argv, systemd_exec_line
+from operations.llamacpp import plan_build
+from operations.services import render_unit
+from operations.settings import load_host_settings
+from operations.weights import ModelFileSpec, PlacedModel
+
+REPO = Path(__file__).resolve().parents[2]
+HELP = (REPO / "tests" / "fixtures" / "llama-server-help-0c1e570.txt").read_text()
+
+
+def guide_settings():
+    namespace = {}
+    exec((REPO / "group_data" / "gpu_servers.py").read_text(), namespace)
+    return load_host_settings("gpu1", {"llm_services": namespace["llm_services"]})
+
+
+def placed(path, mmproj=None):
+    return PlacedModel(model_path=path, mmproj_path=mmproj,
+                       files=(ModelFileSpec(dest=path, sha256="a" * 64, size=1),))
+
+
+def option_values(argv):
+    """{option: value or True} of an argv."""
+    values, i = {}, 1
+    while i < len(argv):
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values[argv[i]] = argv[i + 1]
+            i += 2
+        else:
+            values[argv[i]] = True
+            i += 1
+    return values
+
+
+def test_main_service_matches_the_guide():
+    settings = guide_settings()
+    main = settings.services[0]
+    argv = server_argv(main, ServerPaths("/b/llama-server", "/m/Qwen.gguf", "/m/mmproj-F16.gguf",
+                                         "/etc/llama/keys/main.key"))
+    got = option_values(argv)
+    # The guide: -m, --mmproj, -ngl 99, -c 131072, -np 4, --flash-attn on, -ctk q4_0, -ctv q8_0,
+    # --mlock, --cont-batching, --cache-prompt, --reasoning-format deepseek, --port 18082.
+    assert got["--model"] == "/m/Qwen.gguf"
+    assert got["--mmproj"] == "/m/mmproj-F16.gguf"
+    assert got["--n-gpu-layers"] == "99"
+    assert got["--ctx-size"] == "131072"
+    assert got["--parallel"] == "4"
+    assert got["--flash-attn"] == "on"
+    assert got["--cache-type-k"] == "q4_0"
+    assert got["--cache-type-v"] == "q8_0"
+    assert got["--load-mode"] == "mmap+mlock"  # the guide's --mlock at the pinned commit
+    assert "--mlock" not in argv
+    assert got["--cont-batching"] is True and got["--cache-prompt"] is True
+    assert got["--reasoning-format"] == "deepseek"
+    assert got["--reasoning"] == "auto"  # thinking toggled per request
+    assert got["--port"] == "18082"
+    # Made safe: loopback and a key file instead of 0.0.0.0 with no key.
+    assert got["--host"] == "127.0.0.1"
+    assert got["--api-key-file"] == "/etc/llama/keys/main.key"
+
+
+def test_translate_service_matches_the_guide():
+    translate = guide_settings().services[1]
+    got = option_values(server_argv(translate, ServerPaths("/b/llama-server", "/m/q.gguf")))
+    # The guide: -ngl 0 -c 4096 -np 4 --port 18083; thinking off for translations.
+    assert (got["--n-gpu-layers"], got["--ctx-size"], got["--parallel"], got["--port"]) == (
+        "0", "4096", "4", "18083")
+    assert got["--reasoning"] == "off"
+    assert "--mmproj" not in got
+
+
+def test_every_rendered_option_is_in_the_pinned_help():
+    settings = guide_settings()
+    for service in settings.services:
+        argv = server_argv(service, ServerPaths("/b/llama-server", "/m/x.gguf", "/m/p.gguf", "/k"))
+        assert flags.unknown_options(argv, HELP) == []
+
+
+def test_the_guides_literal_mlock_is_rejected_by_the_pinned_help():
+    guide_argv = ["llama-server", "-m", "/m.gguf", "-ngl", "99", "--flash-attn", "on", "--mlock",
+                  "--cont-batching", "--cache-prompt"]
+    assert flags.unknown_options(guide_argv, HELP) == ["--mlock"]
+    assert "--load-mode" in flags.help_options(HELP)
+
+
+def test_help_parser_reads_aliases_and_skips_metavars_and_descriptions():
+    options = flags.help_options(HELP)
+    assert {"-m", "--model", "-ngl", "--n-gpu-layers", "-ctk", "--cache-type-k", "--api-key-file",
+            "--no-cache-prompt", "-rea", "--reasoning"} <= options
+    assert "FNAME" not in options and "--" not in options
+
+
+def test_extra_args_go_last_and_negative_values_are_not_options():
+    settings = load_host_settings("h", {"llm_services": {"s": {
+        "port": 1, "model": {"source": "local", "path": "/m.gguf"}, "reasoning_budget": -1,
+        "extra_args": ["--temp", "0.7"]}}})
+    argv = server_argv(settings.services[0], ServerPaths("/b/llama-server", "/m.gguf"))
+    assert argv[-2:] == ["--temp", "0.7"]
+    assert "-1" not in flags.option_names(argv)
+
+
+@pytest.mark.parametrize("arg,quoted", [
+    ("/plain/path", "/plain/path"),
+    ("my model", '"my model"'),
+    ("50%", "50%%"),
+    ("$HOME", "$$HOME"),
+    ('say "hi"', '"say \\"hi\\""'),
+])
+def test_exec_line_quotes_what_systemd_would_split_or_expand(arg, quoted):
+    assert systemd_exec_line(["/bin/x", arg]) == f"/bin/x {quoted}"
+
+
+def test_rendered_units_are_hardened_and_keep_secrets_out():
+    settings = guide_settings()
+    build = plan_build(settings)
+    main, translate = settings.services
+    cpu_unit = render_unit(settings, translate, build, placed("/m/q.gguf"))
+    gpu_unit = render_unit(settings, main, build, placed("/m/Q.gguf", "/m/mmproj-F16.gguf"))
+    for unit in (cpu_unit, gpu_unit):
+        assert "LimitMEMLOCK=infinity" in unit
+        assert "Restart=always" in unit
+        assert "User=llama" in unit
+        assert "ProtectSystem=strict" in unit and "NoNewPrivileges=yes" in unit
+        assert "--api-key-file /etc/llama/keys/" in unit
+        assert "--mlock" not in unit
+    assert "PrivateDevices=yes" in cpu_unit and "MemoryDenyWriteExecute=yes" in cpu_unit
+    assert "DeviceAllow=/dev/nvidiactl rw" in gpu_unit
+    assert "DeviceAllow=char-nvidia-caps rw" in gpu_unit
+    assert "DeviceAllow=/dev/nvidia-uvm rw" in gpu_unit
+    assert "PrivateDevices=no" in gpu_unit
+
+
+def test_gpu_pinning_sets_cuda_visible_devices():
+    settings = load_host_settings("h", {"llm_services": {"t": {
+        "port": 1, "model": {"source": "local", "path": "/m.gguf"}, "gpu_layers": 99,
+        "gpus": [1]}}})
+    unit = render_unit(settings, settings.services[0], plan_build(settings), placed("/m.gguf"))
+    assert "Environment=CUDA_VISIBLE_DEVICES=1" in unit

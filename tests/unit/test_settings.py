@@ -1,0 +1,188 @@
+"""Settings validation: every bad input stops the run with one exact line (host, setting, found,
+expected); good input becomes typed values."""
+
+from pathlib import Path
+
+import pytest
+
+from operations import settings as S
+from operations.settings import SettingsError, load_host_settings, load_inventory_settings
+
+MODEL = {"source": "local", "path": "/models/m.gguf"}
+
+
+def service(**overrides):
+    return {"port": 18083, "model": MODEL, **overrides}
+
+
+def host_data(**overrides):
+    return {"llm_services": {"translate": service()}, **overrides}
+
+
+def problems_of(data, host="h1"):
+    with pytest.raises(SettingsError) as error:
+        load_host_settings(host, data)
+    return error.value.problems
+
+
+def test_defaults_give_the_pinned_commit_and_a_loopback_cpu_service():
+    s = load_host_settings("h1", host_data())
+    assert s.llamacpp_commit == S.PINNED_COMMIT
+    assert s.llamacpp_source == "git"
+    (translate,) = s.services
+    assert (translate.host, translate.port, translate.gpu_layers) == ("127.0.0.1", 18083, 0)
+    assert translate.load_mode == "mmap+mlock"
+    assert translate.unit_name == "llama-translate.service"
+    assert not s.uses_gpu
+
+
+def test_keys_that_are_not_ours_are_left_alone():
+    s = load_host_settings("h1", {**host_data(), "ssh_user": "root", "my_other_deploy": 3})
+    assert s.services[0].name == "translate"
+
+
+BAD_INPUTS = [
+    ("unknown host setting",
+     host_data(llm_modle_dir="/x"),
+     "host h1: llm_modle_dir: found an unknown setting, expected one of "
+     + ", ".join(sorted(s.name for s in S.HOST_SETTINGS))),
+    ("unknown service setting",
+     host_data(llm_services={"translate": service(ctx=4096)}),
+     "host h1: llm_services.translate.ctx: found an unknown setting, expected one of "
+     + ", ".join(sorted(s.name for s in S.SERVICE_SETTINGS if s.name != "model"))),
+    ("wrong type",
+     host_data(llm_services={"translate": service(ctx_size="4096")}),
+     "host h1: llm_services.translate.ctx_size: found '4096', expected a positive integer"),
+    ("bool where an integer is expected",
+     host_data(llm_services={"translate": service(parallel=True)}),
+     "host h1: llm_services.translate.parallel: found True, expected a positive integer"),
+    ("port used twice",
+     host_data(llm_services={"a": service(), "b": service()}),
+     "host h1: llm_services.b.port: found 18083, already used by llm_services.a, expected a port "
+     "unique on the host"),
+    ("context not divisible by slots",
+     host_data(llm_services={"translate": service(ctx_size=4097, parallel=4)}),
+     "host h1: llm_services.translate.ctx_size: found 4097, expected a multiple of parallel (4) so "
+     "every slot gets the same context"),
+    ("missing model",
+     host_data(llm_services={"translate": {"port": 18083}}),
+     "host h1: llm_services.translate.model: found no model, expected a mapping with source local "
+     "(path) or hf/mirror (repo and file), or a profile"),
+    ("local model without a path",
+     host_data(llm_services={"translate": service(model={"source": "local"})}),
+     "host h1: llm_services.translate.model.path: found nothing, expected the controller path of "
+     "the GGUF for source 'local'"),
+    ("hf model without a file",
+     host_data(llm_services={"translate": service(model={"source": "hf", "repo": "a/b"})}),
+     "host h1: llm_services.translate.model.file: found nothing, expected it for source 'hf'"),
+    ("missing port",
+     host_data(llm_services={"translate": {"model": MODEL}}),
+     "host h1: llm_services.translate.port: found nothing, expected an integer from 1 to 65535"),
+    ("port out of range",
+     host_data(llm_services={"translate": service(port=70000)}),
+     "host h1: llm_services.translate.port: found 70000, expected an integer from 1 to 65535"),
+    ("bad K/V type",
+     host_data(llm_services={"translate": service(cache_type_k="q3_k")}),
+     "host h1: llm_services.translate.cache_type_k: found 'q3_k', expected one of "
+     + ", ".join(repr(t) for t in S.CACHE_TYPES)),
+    ("quantized V cache without flash attention",
+     host_data(llm_services={"translate": service(cache_type_v="q8_0", flash_attn="off")}),
+     "host h1: llm_services.translate.flash_attn: found 'off', expected 'on' because cache_type_v "
+     "'q8_0' is quantized (llama.cpp needs flash attention for a quantized V cache)"),
+    ("the guide's --mlock as a load mode",
+     host_data(llm_services={"translate": service(load_mode="--mlock")}),
+     "host h1: llm_services.translate.load_mode: found '--mlock', expected one of 'auto', 'none', "
+     "'mmap', 'mlock', 'mmap+mlock', 'dio'"),
+    ("public bind without a key",
+     host_data(llm_services={"translate": service(host="0.0.0.0", api_key=False)}),
+     "host h1: llm_services.translate.host: found '0.0.0.0' with api_key false, expected a loopback "
+     "address, or allow_public_without_key: true to accept the risk"),
+    ("secret in plain settings",
+     host_data(llm_services={"translate": service(key="sk-123")}),
+     "host h1: llm_services.translate.key: found a secret in plain settings, expected it in a file "
+     "(api_key_file, token_file, or HF_TOKEN in the controller's environment)"),
+    ("HF token in plain model settings",
+     host_data(llm_services={"translate": service(model={**MODEL, "token": "hf_x"})}),
+     "host h1: llm_services.translate.model.token: found a secret in plain settings, expected it in "
+     "a file (api_key_file, token_file, or HF_TOKEN in the controller's environment)"),
+    ("bad CUDA arch",
+     host_data(llm_cuda_architectures=["sm_120"]),
+     "host h1: llm_cuda_architectures: found ['sm_120'], expected a list of arch strings like '90', "
+     "'89' or '120a'"),
+    ("short commit",
+     host_data(llm_llamacpp_commit="0c1e570"),
+     "host h1: llm_llamacpp_commit: found '0c1e570', expected a full 40-character lowercase commit sha"),
+    ("local llama.cpp source without a path",
+     host_data(llm_llamacpp_source="local"),
+     "host h1: llm_llamacpp_local_path: found nothing, expected the controller path of a llama.cpp "
+     "tarball or git checkout for source 'local'"),
+    ("bad service name",
+     host_data(llm_services={"Main Server": service()}),
+     "host h1: llm_services: found service name 'Main Server', expected lowercase letters, digits "
+     "and '-', starting with a letter"),
+    ("gpus on a CPU service",
+     host_data(llm_services={"translate": service(gpus=[1])}),
+     "host h1: llm_services.translate.gpus: found [1] on a CPU-only service (gpu_layers 0), expected "
+     "gpu_layers > 0 or no gpus"),
+    ("unknown profile",
+     host_data(llm_services={"translate": service(model={"profile": "qwen9"})}),
+     "host h1: llm_services.translate.model.profile: found 'qwen9', expected one of "
+     + ", ".join(repr(p) for p in S.profiles.PROFILES)),
+    ("relative install dir",
+     host_data(llm_install_dir="opt/llama"),
+     "host h1: llm_install_dir: found 'opt/llama', expected an absolute path without spaces"),
+]
+
+
+@pytest.mark.parametrize("data,expected", [case[1:] for case in BAD_INPUTS],
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_exact_line(data, expected):
+    assert problems_of(data) == [expected]
+
+
+def test_problems_of_every_host_are_reported_together():
+    with pytest.raises(SettingsError) as error:
+        load_inventory_settings({
+            "a": host_data(llm_build_jobs=-1),
+            "b": host_data(llm_health_timeout="5m"),
+        })
+    assert error.value.problems == [
+        "host a: llm_build_jobs: found -1, expected a non-negative integer",
+        "host b: llm_health_timeout: found '5m', expected a positive integer",
+    ]
+    assert str(error.value).startswith("invalid settings, no host was changed:\n")
+
+
+def test_guide_measurements_warn_about_slow_cache_types():
+    s = load_host_settings("h1", host_data(llm_services={"t": service(cache_type_k="iq4_nl",
+                                                                        cache_type_v="q5_0")}))
+    assert s.services[0].warnings == (
+        "host h1: llm_services.t.cache_type_k: iq4_nl: " + S.CACHE_TYPE_WARNINGS["iq4_nl"],
+        "host h1: llm_services.t.cache_type_v: q5_0: " + S.CACHE_TYPE_WARNINGS["q5_0"],
+    )
+
+
+def test_profile_fills_repo_and_file_and_can_be_overridden():
+    s = load_host_settings("h1", host_data(llm_services={"main": service(
+        model={"profile": "qwen3.5-35b-a3b-ud-q4_k_xl", "revision": "v1"})}))
+    model = s.services[0].model
+    assert (model.source, model.repo, model.file, model.mmproj, model.revision) == (
+        "hf", "unsloth/Qwen3.5-35B-A3B-GGUF", "Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf", "mmproj-F16.gguf", "v1")
+
+
+def test_fa_pairs_are_the_services_pairs_plus_f16():
+    s = load_host_settings("h1", host_data(llm_services={
+        "a": service(cache_type_k="q4_0", cache_type_v="q8_0"),
+        "b": service(port=2, cache_type_k="q4_0", cache_type_v="q8_0")}))
+    assert s.fa_pairs == ("f16-f16", "q4_0-q8_0")
+
+
+def test_group_data_of_the_guide_is_valid():
+    namespace = {}
+    exec((Path(__file__).parents[2] / "group_data" / "gpu_servers.py").read_text(), namespace)
+    s = load_host_settings("gpu1", {"llm_services": namespace["llm_services"]})
+    main, translate = s.services
+    assert (main.gpu_layers, main.ctx_size, main.parallel, main.cache_type_k, main.cache_type_v) == (
+        99, 131072, 4, "q4_0", "q8_0")
+    assert (translate.gpu_layers, translate.ctx_size, translate.parallel, translate.reasoning) == (
+        0, 4096, 4, "off")
