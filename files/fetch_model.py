@@ -66,6 +66,12 @@ def human(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / MB:.1f} MB"
 
 
+def amount(done: float, total: float) -> str:
+    """'8.1/19.7 GB': both in the unit of the total."""
+    scale, unit = (1e9, "GB") if total >= 1e9 else (MB, "MB")
+    return f"{done / scale:.1f}/{total / scale:.1f} {unit}"
+
+
 def say(name: str, text: str) -> None:
     # flush: over SSH stdout is a pipe, and the operator must see lines as they come.
     print(f"fetch {name}: {text}", flush=True)
@@ -145,6 +151,13 @@ def _retryable(error: BaseException) -> bool:
     if isinstance(error, urllib.error.HTTPError):
         return error.code >= 500 or error.code in (408, 429)
     return isinstance(error, (OSError, http.client.HTTPException, ValueError))
+
+
+def _retry_after(error: BaseException) -> float:
+    """Seconds a 429/503 asked us to wait (capped: a bad header must not stall the deploy)."""
+    headers = getattr(error, "headers", None)
+    value = headers.get("Retry-After", "") if headers is not None else ""
+    return min(float(value), 60.0) if value.strip().isdigit() else 0.0
 
 
 def _reason(error: BaseException) -> str:
@@ -329,6 +342,7 @@ class Download:
                                      f"{_reason(error)} ({safe_url(self.args.url)})",
                                      EXIT_NETWORK) from None
                 delay = min(self.args.backoff * 2 ** (attempt - 1), 30) if attempt else 0
+                delay = max(delay, _retry_after(error))
                 if attempt:
                     say(self.name, f"{_reason(error)}; retry {attempt}/{self.args.retries} "
                                    f"in {delay:.0f}s")
@@ -414,7 +428,7 @@ class Progress:
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
         pct = 100.0 * done / self.total if self.total else 100.0
-        say(self.name, f"{self.verb}{pct:.1f}% {human(done).split()[0]}/{human(self.total)} "
+        say(self.name, f"{self.verb}{pct:.1f}% {amount(done, self.total)} "
                        f"{rate / MB:.1f} MB/s ETA {eta}")
 
 
