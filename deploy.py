@@ -1,8 +1,9 @@
 """The main job: `pyinfra inventory.py deploy.py` turns each host into a llama.cpp server.
 
-Order: validate every host's settings (before anything runs), base packages/user/directories,
-llama.cpp source and build, model files, API keys, then each service's unit behind a health gate,
-one service at a time.
+Order: validate every host's settings (before anything runs), read the host and run its
+preflight (a failing host stops here, the others go on), base packages/user/directories,
+CUDA toolkit when asked, llama.cpp source and build, model files, API keys, then each service's
+unit behind a health gate, one service at a time, and last the manifest tests/host checks.
 """
 
 import json
@@ -12,47 +13,63 @@ from io import StringIO
 from pyinfra import host
 from pyinfra.operations import files
 
-from operations import base, llamacpp, preflight, services, weights
+from operations import base, cuda, gpu, llamacpp, preflight, services, weights
 
 logger = logging.getLogger("llmhost")
 
-settings = preflight.inventory_settings()[host.name]
-for service in settings.services:
-    for warning in service.warnings:
+
+def converge() -> None:
+    settings = preflight.inventory_settings()[host.name]
+    for service in settings.services:
+        for warning in service.warnings:
+            logger.warning(f"[{host.name}] {warning}")
+    for warning in gpu.fa_pair_warnings(host.name, settings):
         logger.warning(f"[{host.name}] {warning}")
 
-base.packages()
-base.service_user(settings)
-base.directories(settings)
-base.helpers()
+    facts = host.get_fact(gpu.GpuHost, paths=(settings.install_dir, settings.model_dir))
+    models = {service.name: weights.plan_local(settings, service.model) for service in settings.services}
+    problems = preflight.gpu_problems(settings, facts)
+    build = None if problems else llamacpp.plan_for_host(settings, facts)
+    problems += preflight.disk_problems(settings, facts, build, models)
+    if problems:
+        preflight.fail(problems)
+        return
 
-build = llamacpp.plan_build(settings, backend_flags=("-DGGML_CUDA=OFF",))
-llamacpp.source(name="llama.cpp source", settings=settings, build=build)
-llamacpp.build(name="llama.cpp build", settings=settings, build=build)
+    base.packages()
+    base.service_user(settings)
+    base.directories(settings)
+    base.helpers()
 
-models = {}
-for service in settings.services:
-    models[service.name] = weights.plan_local(settings, service.model)
-    for spec in models[service.name].files:
-        weights.pushed_file(name=f"Model file {spec.dest}", spec=spec)
+    if settings.uses_gpu and settings.cuda_toolkit_install:
+        cuda.install_toolkit(settings.cuda_toolkit_version)
+    llamacpp.source(name="llama.cpp source", settings=settings, build=build)
+    llamacpp.build(name="llama.cpp build", settings=settings, build=build)
 
-for service in settings.services:
-    key_changed = None
-    path = services.key_path(settings, service)
-    if path and service.api_key_file:
-        key_op = files.put(name=f"API key of {service.name}", src=service.api_key_file, dest=path,
-                           user="root", group=settings.service_user, mode=services.KEY_MODE)
-        key_changed = services.changed(key_op)
-    elif path:
-        services.generated_key(name=f"API key of {service.name}", path=path,
-                               group=settings.service_user)
-    unit_text = services.render_unit(settings, service, build, models[service.name])
-    services.health_gated_unit(
-        name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
-        argv_options=services.argv_options(settings, service, build, models[service.name]),
-        timeout=settings.health_timeout, restart_if=key_changed)
+    for service in settings.services:
+        for spec in models[service.name].files:
+            weights.pushed_file(name=f"Model file {spec.dest}", spec=spec)
 
-# Last, so it only describes a host whose every step above succeeded.
-files.put(name="Manifest for tests/host",
-          src=StringIO(json.dumps(services.host_manifest(settings, build, models), indent=1) + "\n"),
-          dest=f"{settings.config_dir}/{services.MANIFEST_NAME}", mode="644")
+    for service in settings.services:
+        key_changed = None
+        path = services.key_path(settings, service)
+        if path and service.api_key_file:
+            key_op = files.put(name=f"API key of {service.name}", src=service.api_key_file,
+                               dest=path, user="root", group=settings.service_user,
+                               mode=services.KEY_MODE)
+            key_changed = services.changed(key_op)
+        elif path:
+            services.generated_key(name=f"API key of {service.name}", path=path,
+                                   group=settings.service_user)
+        unit_text = services.render_unit(settings, service, build, models[service.name])
+        services.health_gated_unit(
+            name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
+            argv_options=services.argv_options(settings, service, build, models[service.name]),
+            timeout=settings.health_timeout, restart_if=key_changed)
+
+    # Last, so it only describes a host whose every step above succeeded.
+    manifest = services.host_manifest(settings, build, models)
+    files.put(name="Manifest for tests/host", src=StringIO(json.dumps(manifest, indent=1) + "\n"),
+              dest=f"{settings.config_dir}/{services.MANIFEST_NAME}", mode="644")
+
+
+converge()

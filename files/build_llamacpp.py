@@ -61,6 +61,35 @@ def version_output(build_dir: str) -> str:
     return result.stdout + result.stderr
 
 
+def system_info(build_dir: str) -> str:
+    """The system_info line (trace verbosity) of the built server. It is printed before the model
+    loads, so a model that does not exist is enough; port 0 binds nothing anyone uses."""
+    result = subprocess.run(
+        [os.path.join(build_dir, "bin", "llama-server"), "-lv", "4", "--host", "127.0.0.1",
+         "--port", "0", "--model", "/nonexistent/llmhost-probe.gguf"],
+        capture_output=True, text=True, timeout=120)
+    for line in (result.stdout + result.stderr).splitlines():
+        if "system_info:" in line:
+            return line.split("system_info:", 1)[1].strip()
+    return ""
+
+
+def system_info_problems(info: str, expectations: list[str]) -> list[str]:
+    """KEY=VALUE expectations; FA_QUANTS lists pairs that must all be compiled in."""
+    found = {k: v.strip() for k, v in re.findall(r"(\w+) = ([^|]+)", info)}
+    problems = []
+    for expectation in expectations:
+        key, _, value = expectation.partition("=")
+        have = found.get(key)
+        if key == "FA_QUANTS" and have is not None:
+            missing = set(value.split(",")) - set(have.split(","))
+            if missing:
+                problems.append(f"FA_QUANTS = {have} lacks {','.join(sorted(missing))}")
+        elif have != value:
+            problems.append(f"{key} = {have} (expected {value})")
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--src", required=True)
@@ -70,6 +99,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--ccache-dir", default="")
     parser.add_argument("--cmake-flag", action="append", default=[])
+    parser.add_argument("--expect-system-info", action="append", default=[],
+                        help="KEY=VALUE that system_info must show, e.g. ARCHS=900")
     args = parser.parse_args()
 
     marker = os.path.join(args.build_dir, MARKER)
@@ -103,6 +134,14 @@ def main() -> int:
         log(f"build check failed: llama-server --version does not name commit {args.commit[:8]}:\n"
             f"{version}")
         return 2
+    if args.expect_system_info:
+        info = system_info(args.build_dir)
+        problems = system_info_problems(info, args.expect_system_info)
+        if problems:
+            log(f"build check failed: system_info does not show what this host needs: "
+                f"{'; '.join(problems)}\nsystem_info: {info}")
+            return 2
+        log(f"system_info: {info}")
     record = {"commit": args.commit, "flags": args.cmake_flag, "targets": args.targets.split(","),
               "version": version.strip().splitlines()[-2:], "seconds": round(time.monotonic() - started)}
     tmp = marker + ".tmp"

@@ -22,7 +22,7 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
-from operations import remote
+from operations import gpu, remote
 from operations.facts import DirectoryExists, JsonFile
 from operations.settings import HostSettings
 
@@ -49,6 +49,9 @@ class Build:
     source_dir: str
     build_dir: str
     cmake_flags: tuple[str, ...]
+    # Fragments system_info must show before the build is used (CUDA archs, FA pairs, FP4).
+    expected_system_info: tuple[str, ...] = ()
+    nvcc: str | None = None
 
     @property
     def server_binary(self) -> str:
@@ -69,7 +72,8 @@ def cmake_flags(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> 
     )
 
 
-def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> Build:
+def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
+               expected_system_info: tuple[str, ...] = (), nvcc: str | None = None) -> Build:
     flags = cmake_flags(settings, backend_flags)
     key = hashlib.sha256("\n".join(flags + TARGETS).encode()).hexdigest()[:8]
     base = settings.install_dir
@@ -77,7 +81,25 @@ def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> B
         source_dir=f"{base}/src/{settings.llamacpp_commit}",
         build_dir=f"{base}/builds/{settings.llamacpp_commit[:12]}-{key}",
         cmake_flags=flags,
+        expected_system_info=expected_system_info,
+        nvcc=nvcc,
     )
+
+
+def plan_for_host(settings: HostSettings, facts: gpu.GpuFacts) -> Build:
+    """CPU build for CPU-only hosts; for GPU hosts, CUDA for exactly the GPUs present (or the
+    configured archs), with the flash-attention K/V pairs every service needs."""
+    if not settings.uses_gpu:
+        return plan_build(settings, ("-DGGML_CUDA=OFF",))
+    archs = gpu.architectures_for(facts.gpus, settings.cuda_architectures)
+    toolkit = gpu.build_toolkit(facts, settings.cuda_toolkit_install, settings.cuda_toolkit_version, archs)
+    expected = [f"ARCHS={gpu.system_info_archs(archs)}",
+                f"FA_QUANTS={gpu.fa_quants(settings.fa_pairs).replace(';', ',')}"]
+    if any(arch.startswith("12") for arch in archs) and any(g.compute_cap.startswith("12.") for g in facts.gpus):
+        # Printed only at run time with a Blackwell GPU present (NOTES.md): never on an H100.
+        expected.append("BLACKWELL_NATIVE_FP4=1")
+    return plan_build(settings, tuple(gpu.cuda_cmake_flags(toolkit.path, archs, settings.fa_pairs)),
+                      tuple(expected), toolkit.path)
 
 
 def local_source_tarball(settings: HostSettings) -> str:
@@ -134,5 +156,6 @@ def build(settings: HostSettings, build: Build):
             "--jobs", str(settings.build_jobs), "--ccache-dir", f"{settings.install_dir}/ccache"]
     # "=" form: argparse would take a bare "-DFOO" for an option of its own.
     args += [f"--cmake-flag={flag}" for flag in build.cmake_flags]
+    args += [f"--expect-system-info={fragment}" for fragment in build.expected_system_info]
     yield remote.streamed(remote.helper_command("build_llamacpp.py", *args),
                           f"llama.cpp build {os.path.basename(build.build_dir)}")

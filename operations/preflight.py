@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import os
 
-from pyinfra import state
+from pyinfra import host, state
+from pyinfra.api import operation
 
+from operations import gpu, remote
+from operations.facts import JsonFile
 from operations.settings import HostSettings, SettingsError, load_inventory_settings
+
+# Room a build needs beside the old one (measured: CPU ~0.3 GB; a CUDA build for one arch with a
+# few FA pairs ~2 GB), with headroom.
+BUILD_BYTES = {False: 2 << 30, True: 6 << 30}
 
 _validated: dict[int, dict[str, HostSettings]] = {}
 
@@ -46,3 +53,33 @@ def inventory_settings() -> dict[str, HostSettings]:
             raise SettingsError(problems)
         _validated[key] = settings
     return _validated[key]
+
+
+def gpu_problems(settings: HostSettings, facts: gpu.GpuFacts) -> list[str]:
+    return gpu.gpu_preflight_problems(settings.host_name, facts, settings,
+                                      settings.cuda_toolkit_install, settings.cuda_toolkit_version)
+
+
+def disk_problems(settings: HostSettings, facts: gpu.GpuFacts, build, models) -> list[str]:
+    """Free disk for what this run still has to write: a new build, model files not in place."""
+    from operations import weights  # weights imports pyinfra's host-bound facts lazily
+
+    needed = {settings.install_dir: 0, settings.model_dir: 0}
+    if build is not None and not host.get_fact(JsonFile, path=f"{build.build_dir}/.llmhost-build.json"):
+        needed[settings.install_dir] = BUILD_BYTES[settings.uses_gpu]
+    for model in models.values():
+        for spec in model.files:
+            if not weights.is_in_place(spec):
+                needed[settings.model_dir] += spec.size
+    return gpu.disk_problems(settings.host_name, facts.free_bytes_by_path(), needed,
+                             facts.mount_by_path())
+
+
+@operation()
+def preflight_failed(problems: list[str]):
+    """Fails this host with every preflight problem; other hosts go on."""
+    yield remote.fail("preflight failed, nothing was changed on this host:\n" + "\n".join(problems))
+
+
+def fail(problems: list[str]) -> None:
+    preflight_failed(name="Preflight", problems=problems)

@@ -164,6 +164,11 @@ HOST_SETTINGS: tuple[Setting, ...] = (
     Setting("llm_cuda_architectures", (list,), None,
             "CUDA archs to build for (e.g. ['120a', '89']); unset means computed from the GPUs present",
             allowed="a list of arch strings like '90', '89' or '120a'", check=_arch_list),
+    Setting("llm_cuda_toolkit_install", (bool,), False,
+            "install NVIDIA's CUDA toolkit from its apt repository (the driver is never touched)"),
+    Setting("llm_cuda_toolkit_version", (str,), "12-8",
+            "the cuda-toolkit-X-Y package to install when llm_cuda_toolkit_install is true",
+            allowed="a version like '12-8'", check=lambda v: bool(re.match(r"^\d+-\d+$", v))),
     Setting("llm_health_timeout", (int,), 300,
             "seconds a restarted service may take to answer /health 200 before it is rolled back",
             allowed="a positive integer", check=_positive),
@@ -314,6 +319,8 @@ class HostSettings:
     service_user: str
     build_jobs: int
     cuda_architectures: tuple[str, ...] | None
+    cuda_toolkit_install: bool
+    cuda_toolkit_version: str
     health_timeout: int
     services: tuple[ServiceSpec, ...] = field(default_factory=tuple)
 
@@ -470,6 +477,8 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
         service_user=values["llm_service_user"],
         build_jobs=values["llm_build_jobs"],
         cuda_architectures=tuple(arches) if arches is not None else None,
+        cuda_toolkit_install=values["llm_cuda_toolkit_install"],
+        cuda_toolkit_version=values["llm_cuda_toolkit_version"],
         health_timeout=values["llm_health_timeout"],
         services=tuple(services),
     )
