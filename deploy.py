@@ -27,7 +27,7 @@ def converge() -> None:
         logger.warning(f"[{host.name}] {warning}")
 
     facts = host.get_fact(gpu.GpuHost, paths=(settings.install_dir, settings.model_dir))
-    models = {service.name: weights.plan_local(settings, service.model) for service in settings.services}
+    models = {service.name: weights.plan(settings, service.model) for service in settings.services}
     problems = preflight.gpu_problems(settings, facts)
     build = None if problems else llamacpp.plan_for_host(settings, facts)
     problems += preflight.disk_problems(settings, facts, build, models)
@@ -47,7 +47,7 @@ def converge() -> None:
 
     for service in settings.services:
         for spec in models[service.name].files:
-            weights.pushed_file(name=f"Model file {spec.dest}", spec=spec)
+            weights.model_file(spec, service.model, settings.download_connections)
 
     for service in settings.services:
         key_changed = None

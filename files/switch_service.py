@@ -54,15 +54,23 @@ def healthy(url: str) -> bool:
         return False
 
 
+def restarts(unit: str) -> int:
+    value = systemctl("show", "-p", "NRestarts", "--value", unit, check=False).stdout.strip()
+    return int(value) if value.isdigit() else 0
+
+
 def wait_healthy(unit: str, url: str, timeout: float) -> tuple[bool, float]:
-    """Poll /health until 200 while the unit stays up; (ok, seconds waited)."""
+    """Poll /health until 200 while the unit stays up; (ok, seconds waited). A server that exits
+    while starting (bad model, bad flag) is failing: with Restart=always it would crash-loop
+    until the timeout, so the first automatic restart ends the wait."""
     started = time.monotonic()
     last_note = started
+    restarts_before = restarts(unit)
     while time.monotonic() - started < timeout:
         if healthy(url):
             return True, time.monotonic() - started
         state = systemctl("is-active", unit, check=False).stdout.strip()
-        if state == "failed":
+        if state == "failed" or restarts(unit) > restarts_before:
             break
         if time.monotonic() - last_note >= 10:
             log(f"{unit}: waiting for {url} ({state}, {time.monotonic() - started:.0f}s)")

@@ -8,7 +8,7 @@ import os
 from pyinfra import host, state
 from pyinfra.api import operation
 
-from operations import gpu, remote
+from operations import gpu, hf, remote, weights
 from operations.facts import JsonFile
 from operations.settings import HostSettings, SettingsError, load_inventory_settings
 
@@ -49,10 +49,27 @@ def inventory_settings() -> dict[str, HostSettings]:
         hosts = {h.name: h.data.dict() for h in state.inventory}
         settings = load_inventory_settings(hosts)
         problems = [p for s in settings.values() for p in controller_problems(s)]
+        problems += manifest_problems(settings)
         if problems:
             raise SettingsError(problems)
         _validated[key] = settings
     return _validated[key]
+
+
+def manifest_problems(settings: dict[str, HostSettings]) -> list[str]:
+    """Resolve every Hugging Face model of the inventory now (each once), so a missing file or
+    a refused token stops the run before any host changes."""
+    problems = []
+    for host_settings in settings.values():
+        for service in host_settings.services:
+            model = service.model
+            if model.source == "local":
+                continue
+            try:
+                hf.resolve_manifest(model, hf.token_for(model), hf.endpoint_for(model))
+            except hf.ManifestError as error:
+                problems.append(f"host {host_settings.host_name}: llm_services.{service.name}.model: {error}")
+    return problems
 
 
 def gpu_problems(settings: HostSettings, facts: gpu.GpuFacts) -> list[str]:
@@ -62,8 +79,6 @@ def gpu_problems(settings: HostSettings, facts: gpu.GpuFacts) -> list[str]:
 
 def disk_problems(settings: HostSettings, facts: gpu.GpuFacts, build, models) -> list[str]:
     """Free disk for what this run still has to write: a new build, model files not in place."""
-    from operations import weights  # weights imports pyinfra's host-bound facts lazily
-
     needed = {settings.install_dir: 0, settings.model_dir: 0}
     if build is not None and not host.get_fact(JsonFile, path=f"{build.build_dir}/.llmhost-build.json"):
         needed[settings.install_dir] = BUILD_BYTES[settings.uses_gpu]

@@ -169,6 +169,9 @@ HOST_SETTINGS: tuple[Setting, ...] = (
     Setting("llm_cuda_toolkit_version", (str,), "12-8",
             "the cuda-toolkit-X-Y package to install when llm_cuda_toolkit_install is true",
             allowed="a version like '12-8'", check=lambda v: bool(re.match(r"^\d+-\d+$", v))),
+    Setting("llm_download_connections", (int,), 8,
+            "parallel ranged connections per model download (1 for a single stream)",
+            allowed="an integer from 1 to 32", check=lambda v: 1 <= v <= 32),
     Setting("llm_health_timeout", (int,), 300,
             "seconds a restarted service may take to answer /health 200 before it is rolled back",
             allowed="a positive integer", check=_positive),
@@ -321,6 +324,7 @@ class HostSettings:
     cuda_architectures: tuple[str, ...] | None
     cuda_toolkit_install: bool
     cuda_toolkit_version: str
+    download_connections: int
     health_timeout: int
     services: tuple[ServiceSpec, ...] = field(default_factory=tuple)
 
@@ -479,6 +483,7 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
         cuda_architectures=tuple(arches) if arches is not None else None,
         cuda_toolkit_install=values["llm_cuda_toolkit_install"],
         cuda_toolkit_version=values["llm_cuda_toolkit_version"],
+        download_connections=values["llm_download_connections"],
         health_timeout=values["llm_health_timeout"],
         services=tuple(services),
     )

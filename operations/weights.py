@@ -19,7 +19,7 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
-from operations import remote
+from operations import hf, remote
 from operations.facts import ModelFile
 from operations.settings import HostSettings, ModelSpec
 
@@ -93,6 +93,23 @@ def plan_local(settings: HostSettings, model: ModelSpec) -> PlacedModel:
     return PlacedModel(model_path=files[0].dest, mmproj_path=mmproj_path, files=tuple(files))
 
 
+def plan_hf(settings: HostSettings, model: ModelSpec) -> PlacedModel:
+    """Files pinned by the manifest (resolved once per run, before any host is touched)."""
+    manifest = hf.resolve_manifest(model, hf.token_for(model), hf.endpoint_for(model))
+    folder = f"{settings.model_dir}/{manifest.repo.replace('/', '--')}/{manifest.commit[:12]}"
+    # All shards in one folder: llama-server finds the others beside the first.
+    files = tuple(ModelFileSpec(dest=f"{folder}/{f.basename}", sha256=f.sha256, size=f.size,
+                                url=f.url, commit=manifest.commit) for f in manifest.files)
+    by_name = {f.name: spec for f, spec in zip(manifest.files, files)}
+    mmproj = manifest.mmproj_file
+    return PlacedModel(model_path=by_name[manifest.model_file.name].dest,
+                       mmproj_path=by_name[mmproj.name].dest if mmproj else None, files=files)
+
+
+def plan(settings: HostSettings, model: ModelSpec) -> PlacedModel:
+    return plan_local(settings, model) if model.source == "local" else plan_hf(settings, model)
+
+
 def is_in_place(spec: ModelFileSpec) -> bool:
     state = host.get_fact(ModelFile, path=spec.dest)
     record = state["record"] or {}
@@ -111,3 +128,31 @@ def pushed_file(spec: ModelFileSpec):
     yield remote.helper_command(
         "place_model.py", "--staged", staged, "--dest", spec.dest, "--sha256", spec.sha256,
         "--size", str(spec.size), "--record-json", json.dumps({"source": "local"}))
+
+
+@operation()
+def downloaded_file(spec: ModelFileSpec, model: ModelSpec, connections: int):
+    """Download on the host (resumable, parallel ranges, sha256 before the rename), with its
+    progress in pyinfra's output; the token reaches the host on stdin only."""
+    if is_in_place(spec):
+        host.noop(f"{spec.dest} is in place and verified")
+        return
+    token = hf.token_for(model)
+    record = json.dumps({"commit": spec.commit, "repo": model.repo, "revision": model.revision})
+    args = ["--url", spec.url, "--dest", spec.dest, "--sha256", spec.sha256, "--size", str(spec.size),
+            "--record-json", record, "--connections", str(connections)]
+    if token:
+        args.append("--token-stdin")
+    yield f"mkdir -p {shlex.quote(os.path.dirname(spec.dest))}"
+    yield remote.streamed(remote.helper_command("fetch_model.py", *args),
+                          f"download of {os.path.basename(spec.dest)}",
+                          stdin=token + "\n" if token else None)
+
+
+def model_file(spec: ModelFileSpec, model: ModelSpec, connections: int) -> None:
+    """Define the operation that puts one model file in place."""
+    if spec.local_path:
+        pushed_file(name=f"Model file {spec.dest}", spec=spec)
+    else:
+        downloaded_file(name=f"Model file {spec.dest}", spec=spec, model=model,
+                        connections=connections)

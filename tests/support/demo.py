@@ -32,7 +32,7 @@ def main() -> int:
           f"{cache.cache_dir()} (cached after the first run)", flush=True)
     repo, model = cache.llamacpp_repo(), cache.gemma_model()
     print(f"==> Booting a fresh Debian {sandbox.SUITES[args.suite]} sandbox host", flush=True)
-    with sandbox.booted_host("demo", suite=args.suite, binds=deployment.shared_cache_binds()) as host, \
+    with deployment.booted("demo", suite=args.suite) as host, \
             deployment.git_daemon(repo) as git_url:
         port = sandbox.free_port()
         workdir = Path(tempfile.mkdtemp(prefix="llmhost-demo-"))

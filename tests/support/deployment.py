@@ -15,21 +15,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import cache
+from tests.support import cache, sandbox
 from tests.support.sandbox import SandboxHost, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def shared_cache_binds() -> dict[str, str]:
-    """Caches every sandbox host shares: ccache (a rebuild of the same commit and flags is
-    mostly cache hits) and apt's downloaded packages."""
-    binds = {}
-    for name, inside in (("ccache", "/opt/llama.cpp/ccache"), ("apt-archives", "/var/cache/apt/archives")):
-        path = cache.cache_dir() / name
-        path.mkdir(parents=True, exist_ok=True)
-        binds[str(path)] = inside
-    return binds
+    """ccache, shared by every sandbox host: a rebuild of the same commit and flags is mostly
+    cache hits (ccache locks per entry, so hosts may build at the same time)."""
+    path = cache.cache_dir() / "ccache"
+    path.mkdir(parents=True, exist_ok=True)
+    return {str(path): "/opt/llama.cpp/ccache"}
+
+
+def apt_cache() -> Path:
+    path = cache.cache_dir() / "apt-archives"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def booted(name: str, suite: str = "bookworm"):
+    """A sandbox host with the shared caches: what every e2e test and the demo use."""
+    return sandbox.booted_host(name, suite=suite, binds=shared_cache_binds(), apt_cache=apt_cache())
 
 
 def service_settings(port: int, model_path: Path, **overrides) -> dict:

@@ -110,6 +110,9 @@ class SandboxHost:
     ssh_port: int
     key_path: Path
     binds: dict[str, str] = field(default_factory=dict)
+    # Downloaded .deb files shared between hosts by copying (a shared bind mount would make
+    # hosts that run apt at the same time fight over its lock).
+    apt_cache: Path | None = None
     process: subprocess.Popen | None = None
     init_pid: int | None = None
 
@@ -166,6 +169,8 @@ class SandboxHost:
             if link.exists() or link.is_symlink():
                 link.unlink()
             link.symlink_to("/dev/null")
+        if self.apt_cache:
+            _link_debs(self.apt_cache, self.root / "var/cache/apt/archives")
         (etc / "ssh" / "sshd_config.d").mkdir(parents=True, exist_ok=True)
         (etc / "ssh" / "sshd_config.d" / "sandbox.conf").write_text(
             f"Port {self.ssh_port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"
@@ -261,6 +266,8 @@ class SandboxHost:
 
     def destroy(self) -> None:
         self.stop()
+        if self.apt_cache and self.root.is_dir():
+            _link_debs(self.root / "var/cache/apt/archives", self.apt_cache)
         # The mounts lived in the host's private mount namespace, gone with its last process;
         # refuse to delete anything while one still shows here.
         mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
@@ -268,6 +275,14 @@ class SandboxHost:
         if inside:
             raise RuntimeError(f"sandbox {self.name}: mounts still present, not deleting: {inside}")
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _link_debs(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for deb in source.glob("*.deb"):
+        if not (target / deb.name).exists():
+            with contextlib.suppress(OSError):
+                os.link(deb, target / deb.name)
 
 
 def _remove_cgroup_tree(path: Path) -> None:
@@ -281,15 +296,16 @@ def _remove_cgroup_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def booted_host(name: str = "sandbox1", suite: str = "bookworm", binds: dict[str, str] | None = None):
+def booted_host(name: str = "sandbox1", suite: str = "bookworm", binds: dict[str, str] | None = None,
+                apt_cache: Path | None = None):
     """A fresh, running sandbox host; powered off and deleted on exit, pass or fail.
 
-    ``binds`` maps directories of this machine to paths inside the host (caches shared between
-    hosts: ccache, apt archives).
+    ``binds`` maps directories of this machine to paths inside the host (ccache, which is safe
+    to share); ``apt_cache`` is a folder of .deb files copied in and back out.
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"llmhost-{name}-", dir="/var/tmp"))
     host = SandboxHost(name=name, suite=suite, workdir=workdir, ssh_port=free_port(),
-                       key_path=workdir / "id_ed25519", binds=dict(binds or {}))
+                       key_path=workdir / "id_ed25519", binds=dict(binds or {}), apt_cache=apt_cache)
     try:
         host.prepare()
         host.boot()
