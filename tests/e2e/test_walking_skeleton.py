@@ -45,8 +45,8 @@ def site(tmp_path_factory):
         def inventory(name="inventory.py", **service_overrides):
             hf_model = {"source": "hf", "repo": REPO_ID, "file": cache.MODEL_NAME}
             services = {
-                name_: deployment.service_settings(port, model, model=hf_model,
-                                                   **service_overrides.get(name_, {}))
+                name_: deployment.service_settings(
+                    port, model, **{"model": hf_model, **service_overrides.get(name_, {})})
                 for name_, port in ports.items()
             }
             return deployment.write_inventory(workdir / name, {
