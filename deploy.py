@@ -10,15 +10,16 @@ import json
 import logging
 from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.operations import files
 
-from operations import base, cuda, gpu, llamacpp, preflight, services, weights
+from operations import base, cuda, gpu, llamacpp, preflight, services, timing, weights
 
 logger = logging.getLogger("llmhost")
 
 
 def converge() -> None:
+    timing.install(state)
     settings = preflight.inventory_settings()[host.name]
     for service in settings.services:
         for warning in service.warnings:
