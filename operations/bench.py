@@ -1,0 +1,186 @@
+"""Acceptance bench over the deploy's inventory: is every service as fast as the guide says?
+
+    python -m operations.bench inventory.py [--limit HOST] [--service NAME] [--out DIR]
+                                            [--restart] [--kv-sweep]
+
+For each host (the same inventory and group_data/ the deploy used) and each deployed service,
+uploads files/bench_service.py, runs it there (load on the host itself, against the service's own
+address, every loop bounded) with its progress lines printed live, and brings its JSON back. Writes
+benchmarks/results/<timestamp>/ (or --out): <host>.json per host, report.md (tables like the
+guide's, PASS / BELOW / NO-REFERENCE against the guide's figures, a fleet summary) and PNG plots
+when matplotlib is installed (`pip install 'llmhost[bench]'`).
+
+--restart restarts each service (start-up time) and may stop it while llama-bench runs when the
+GPU cannot hold the model twice. Exit status: 0 every service measured, 1 some host or service
+failed, 3 with --fail-below when a figure is BELOW the guide's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from operations import bench_reference, bench_report
+from operations.inventory import InventoryError, InventoryHost, enable_output, load_inventory
+from operations.services import MANIFEST_NAME
+from operations.settings import load_host_settings
+
+REPO = Path(__file__).resolve().parent.parent
+HELPER = REPO / "files" / "bench_service.py"
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", flush=True)
+
+
+def helper_args(args: argparse.Namespace) -> list[str]:
+    """bench_service.py options passed through from ours."""
+    out = ["--decode-tokens", str(args.decode_tokens), "--rounds", str(args.rounds),
+           "--bench-repetitions", str(args.bench_repetitions),
+           "--time-budget", str(args.time_budget), "--parallel", *map(str, args.parallel)]
+    if args.needle_max:
+        out += ["--needle-max", str(args.needle_max)]
+    if args.restart:
+        out.append("--restart")
+    if args.kv_sweep:
+        out.append("--kv-sweep")
+    return out
+
+
+def read_manifest(host: InventoryHost, config_dir: str) -> dict:
+    path = f"{config_dir.rstrip('/')}/{MANIFEST_NAME}"
+    buffer = io.BytesIO()
+    if not host.get(path, buffer):
+        raise RuntimeError(f"cannot read {path}: was deploy.py run to completion on {host.name}?")
+    return json.loads(buffer.getvalue().decode())
+
+
+def bench_host(host: InventoryHost, args: argparse.Namespace) -> dict:
+    """Every chosen service of one host: {"services": [result, ...], "error": str | None}."""
+    entry: dict = {"services": [], "error": None}
+    config_dir = load_host_settings(host.name, host.data).config_dir
+    with host:
+        manifest = read_manifest(host, config_dir)
+        names = [s["name"] for s in manifest.get("services", [])]
+        if args.service:
+            missing = [n for n in args.service if n not in names]
+            if missing:
+                raise RuntimeError(f"service(s) {', '.join(missing)} not deployed here; the manifest "
+                                   f"lists {', '.join(names) or 'none'}")
+            names = [n for n in names if n in args.service]
+        ok, tmp, err = host.run("mktemp -d /tmp/llmhost-bench.XXXXXX")
+        if not ok:
+            raise RuntimeError(f"mktemp failed: {err}")
+        tmp = tmp.strip()
+        try:
+            if not host.put(str(HELPER), f"{tmp}/bench_service.py"):
+                raise RuntimeError(f"upload of {HELPER.name} to {tmp} failed")
+            for name in names:
+                say(f"[{host.name}] {name}: benchmarking (bench_service.py on the host)")
+                out = f"{tmp}/{name}.json"
+                command = " ".join(map(shlex.quote, [
+                    "python3", f"{tmp}/bench_service.py", "--manifest",
+                    f"{config_dir.rstrip('/')}/{MANIFEST_NAME}", "--service", name, "--out", out,
+                    *helper_args(args)]))
+                ok, stdout, stderr = host.run(command, print_output=True,
+                                              timeout=int(args.time_budget) + 300)
+                buffer = io.BytesIO()
+                if not ok or not host.get(out, buffer):
+                    tail = (stderr or stdout).strip().splitlines()[-5:]
+                    message = f"{name}: bench_service.py failed: {' / '.join(tail)}"
+                    say(f"[{host.name}] {message}")
+                    entry["services"].append(None)
+                    entry["error"] = (entry["error"] + "; " if entry["error"] else "") + message
+                    continue
+                result = json.loads(buffer.getvalue().decode())
+                result["inventory_host"] = host.name
+                entry["services"].append(result)
+        finally:
+            host.run(f"rm -rf {shlex.quote(tmp)}")
+    entry["services"] = [s for s in entry["services"] if s]
+    return entry
+
+
+def write_outputs(fleet: dict, out_dir: Path, command: str, started: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for host, entry in fleet.items():
+        (out_dir / f"{host}.json").write_text(json.dumps(
+            {"host": host, "command": command, "started": started, **entry}, indent=1) + "\n")
+    plots, note = bench_report.make_plots(fleet, out_dir)
+    report = bench_report.render(fleet, command=command, started=started, plots=plots, plot_note=note)
+    path = out_dir / "report.md"
+    path.write_text(report)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m operations.bench",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("inventory", help="the pyinfra inventory the deploy used (e.g. inventory.py)")
+    p.add_argument("--limit", action="append", default=[],
+                   help="host name, group or glob (repeatable, or comma-separated), as pyinfra's")
+    p.add_argument("--service", action="append", default=[], help="only this service (repeatable)")
+    p.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<timestamp>)")
+    p.add_argument("--restart", action="store_true",
+                   help="measure start-up: restarts each service (and may stop it for llama-bench)")
+    p.add_argument("--kv-sweep", action="store_true",
+                   help="llama-bench over the guide's K/V pairs the build compiled")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode request")
+    p.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--rounds", type=int, default=3, help="rounds per measurement (median)")
+    p.add_argument("--bench-repetitions", type=int, default=3, help="llama-bench -r")
+    p.add_argument("--needle-max", type=int, default=0,
+                   help="largest needle haystack in tokens (default: the per-slot context)")
+    p.add_argument("--time-budget", type=float, default=3600, help="seconds per service at most")
+    p.add_argument("--fail-below", action="store_true",
+                   help="exit 3 when any figure is BELOW the guide's")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    enable_output()
+    command = "python -m operations.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    started_at = datetime.now(timezone.utc)
+    started = started_at.isoformat(timespec="seconds")
+    out_dir = args.out or REPO / "benchmarks" / "results" / started_at.strftime("%Y%m%dT%H%M%SZ")
+    limit = [part for item in args.limit for part in item.split(",") if part]
+    try:
+        hosts = load_inventory(args.inventory, limit or None)
+    except InventoryError as error:
+        say(str(error))
+        return 1
+    fleet: dict = {}
+    failed = False
+    for host in hosts:
+        t = time.monotonic()
+        say(f"[{host.name}] connecting")
+        try:
+            fleet[host.name] = bench_host(host, args)
+        except Exception as error:  # one host failing does not stop the others
+            say(f"[{host.name}] FAILED: {type(error).__name__}: {error}")
+            fleet[host.name] = {"services": [], "error": f"{type(error).__name__}: {error}"}
+        failed |= bool(fleet[host.name]["error"])
+        say(f"[{host.name}] done in {time.monotonic() - t:.0f} s")
+    report = write_outputs(fleet, out_dir, command, started)
+    below = [f"{h}/{r['service']['name']}: {row.label}"
+             for h, r in bench_report.services(fleet) for row in bench_reference.rows(r)
+             if row.verdict == bench_reference.BELOW]
+    for line in below:
+        say(f"BELOW the guide: {line}")
+    say(f"report: {report}")
+    if failed:
+        return 1
+    if below and args.fail_below:
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
