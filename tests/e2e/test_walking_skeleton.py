@@ -269,3 +269,37 @@ def test_user_drop_in_survives_and_only_the_changed_service_restarts(converged):
     assert ssh(host, "cat /etc/systemd/system/llama-translate.service.d/local.conf").stdout.strip().endswith("kept")
     env = ssh(host, "systemctl show -p Environment --value llama-translate").stdout
     assert "LLMHOST_TEST_DROPIN=kept" in env
+
+
+def exposure(text: str) -> float:
+    import re
+
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", text)
+    assert match, text[-2000:]
+    return float(match.group(1))
+
+
+def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
+    """The running CPU unit scores <= 1.5; the guide's GPU unit as rendered scores <= 2.5
+    (scored offline: this host has no GPU to start it on)."""
+    from operations.llamacpp import plan_build
+    from operations.services import render_unit
+    from operations.settings import load_host_settings
+    from operations.weights import ModelFileSpec, PlacedModel
+
+    host = converged["host"]
+    running = ssh(host, "systemd-analyze security --no-pager llama-translate.service").stdout
+    assert exposure(running) <= 1.5, running[-1500:]
+
+    namespace: dict = {}
+    exec((REPO / "group_data" / "gpu_servers.py").read_text(), namespace)
+    settings = load_host_settings("gpu1", {"llm_services": namespace["llm_services"]})
+    main = settings.services[0]
+    model = PlacedModel("/var/lib/llama-models/m/Qwen.gguf", "/var/lib/llama-models/m/mmproj-F16.gguf",
+                        (ModelFileSpec("/var/lib/llama-models/m/Qwen.gguf", "a" * 64, 1),))
+    unit = render_unit(settings, main, plan_build(settings, ("-DGGML_CUDA=ON",)), model)
+    ssh(host, f"mkdir -p /tmp/units && cat > /tmp/units/{main.unit_name} <<'EOF'\n{unit}EOF")
+    offline = ssh(host, f"systemd-analyze security --no-pager --offline=true /tmp/units/{main.unit_name}").stdout
+    assert exposure(offline) <= 2.5, offline[-1500:]
+    converged["exposure"] = {"cpu": exposure(running), "gpu": exposure(offline)}
+    print(f"systemd-analyze security: CPU unit {exposure(running)}, GPU unit (offline) {exposure(offline)}")
