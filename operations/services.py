@@ -127,7 +127,9 @@ def host_manifest(settings: HostSettings, build: Build, models: dict[str, Placed
     """What this deploy promised, written on the host for tests/host to check (no secrets)."""
     return {
         "llama_cpp": {"commit": settings.llamacpp_commit, "build_dir": build.build_dir,
-                      "server": build.server_binary, "cmake_flags": list(build.cmake_flags)},
+                      "server": build.server_binary, "cmake_flags": list(build.cmake_flags),
+                      # For tests/host/test_gpu.py: the toolkit built with, what system_info must show.
+                      "nvcc": build.nvcc, "expected_system_info": list(build.expected_system_info)},
         "service_user": settings.service_user,
         "services": [
             {
