@@ -11,6 +11,10 @@ carry=$repo/.devcarry
 [ -f "$carry/manifest.txt" ] && cp "$carry/manifest.txt" "$W/manifest.txt"
 [ -f "$W/manifest.txt" ] || { echo "receive: no manifest yet: carry .devcarry/manifest.txt first" >&2; exit 1; }
 
+# kept as a file too: the deploy's llm_llamacpp_local_path (gpu_deploy.py) pushes it like a user's
+if [ -f "$carry/llama.cpp.tar.gz" ] && [ ! -f "$W/llama.cpp.tar.gz" ]; then
+  cp "$carry/llama.cpp.tar.gz" "$W/llama.cpp.tar.gz"
+fi
 if [ -f "$carry/llama.cpp.tar.gz" ] && [ ! -f "$W/llama.cpp/CMakeLists.txt" ]; then
   rm -rf "$W/llama.cpp" && mkdir -p "$W/llama.cpp"
   tar -C "$W/llama.cpp" -xzf "$carry/llama.cpp.tar.gz"

@@ -105,7 +105,7 @@ phase_sm120() {
   cuobjdump --list-elf "$B/bin/libggml-cuda.so" > "$OUTDIR/cuobjdump-elf.txt"
   say "cuobjdump: $(grep -c 'sm_120a' "$OUTDIR/cuobjdump-elf.txt") sm_120a images of $(wc -l < "$OUTDIR/cuobjdump-elf.txt") ELF images"
   # FP4 block-scaled MMA in the machine code (the Blackwell path); informative, not a pass/fail
-  say "FP4 MMA SASS lines (first 3): $(timeout 120 cuobjdump --dump-sass "$B/bin/libggml-cuda.so" 2>/dev/null | grep -m3 -E 'OMMA|E2M1' | tr -s ' ' | tr '\n' '|' || true)"
+  say "FP4 MMA SASS lines (first 3): $(timeout 60 cuobjdump --dump-sass "$B/bin/libggml-cuda.so" 2>/dev/null | grep -m3 -E 'OMMA|E2M1' | tr -s ' ' | tr '\n' '|' || true)"
 }
 
 case $phase in

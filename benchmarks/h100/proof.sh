@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# The H100 proof through the project's own deploy (issue 6, point 8), on the lent device machine,
+# from the repo root. Calls, back to back (README.md):
+#   proof.sh setup   carry .whl .devcarry/llama.cpp.tar.gz .devcarry/manifest.txt: pyinfra from
+#                    wheels, then `pyinfra inventory.py gpu_deploy.py` (LLMHOST_STAGE=build: facts,
+#                    preflight, source, CUDA build) started in the background, so it builds while
+#                    the model pieces arrive
+#   proof.sh recv    carry one .devcarry/model piece: receive.sh, and the build's progress
+#   proof.sh serve   wait for that build; the full deploy (model, key, unit) and its no-op rerun,
+#                    timed; llama-bench; llama-server from the staged unit's ExecStart vs by hand
+#                    with the guide's flags, alternated; the FlashAttention log check and control
+#   proof.sh fa      LLMHOST_EXTRA_PAIR=q8_0-q8_0: one more FA pair builds beside the old build
+# Files land in $OUT (at most 8 a call); summary.txt has the figures.
+set -uo pipefail
+phase=${1:?usage: proof.sh setup|recv|serve|fa}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+here=$repo/benchmarks/h100
+W=${LLMHOST_WORK:-/var/tmp/llmhost}
+OUTDIR=${OUT:-$W/out}
+mkdir -p "$OUTDIR"
+export LLMHOST_WORK=$W PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+export PATH=/opt/torch/.venv/bin:/usr/local/cuda/bin:$PATH
+summary=$OUTDIR/summary.txt
+say() { echo "$*" | tee -a "$summary"; }
+now() { date +%s.%N; }
+secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+INV=benchmarks/h100/inventory.py
+DEP=benchmarks/h100/gpu_deploy.py
+CONF=$W/etc/llama
+
+wheels() {
+  if [ ! -d /tmp/site/pyinfra ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$repo"/.whl/*.whl || { echo "proof: wheel install failed" >&2; exit 1; }
+  fi
+  say "pyinfra $(python3 -c 'import importlib.metadata as m; print(m.version("pyinfra"))') from wheels, python $(python3 -c 'import sys; print(sys.version.split()[0])')"
+}
+
+# The deploy runs from a copy outside the checkout, so a call's re-sync cannot pull files from
+# under a build that runs on between calls.
+snapshot() {
+  rm -rf "$W/repo" && mkdir -p "$W/repo/benchmarks"
+  cp -r "$repo/operations" "$repo/files" "$repo/templates" "$W/repo/"
+  cp -r "$here" "$W/repo/benchmarks/h100"
+}
+
+# deploy LOGFILE LABEL [VAR=VALUE...]: the real CLI, timed; appends to LOGFILE
+deploy() {
+  local log=$1 label=$2 t0 t1 rc; shift 2
+  t0=$(now)
+  (cd "$W/repo" && env "$@" python3 -m pyinfra "$INV" "$DEP" -y -v) >> "$log" 2>&1
+  rc=$?
+  t1=$(now)
+  echo "=== $label: exit $rc in $(secs "$t0" "$t1") s" >> "$log"
+  say "deploy $label: exit $rc, $(secs "$t0" "$t1") s wall; changed: $(changed_ops "$log" "$label")"
+  return $rc
+}
+
+# Operations with a change in the last results table of LOGFILE (pyinfra's Success column)
+changed_ops() {
+  python3 - "$1" <<'EOF'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+last = text.rsplit("--> Results:", 1)[-1] if "--> Results:" in text else ""
+out = []
+for line in last.splitlines():
+    cells = re.split(r"\s{2,}", line.strip())
+    if len(cells) >= 5 and cells[0] not in ("Operation", "Grand total") and cells[2] not in ("-", "Success", "0"):
+        out.append(cells[0])
+print("; ".join(out) or "none")
+EOF
+}
+
+start_build() {
+  say "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); $(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader); $(nvcc --version | grep release); cmake $(cmake --version | head -1 | awk '{print $3}'); ninja $(ninja --version); $(nproc) cores; ccache: $(command -v ccache || echo absent)"
+  snapshot
+  rm -f "$W/deploy-1.log" "$W/deploy-1.done"
+  # setsid: the build outlives this call (the machine stays warm while pieces arrive)
+  setsid bash -c '
+    t0=$(date +%s.%N)
+    cd "$LLMHOST_WORK/repo" && LLMHOST_STAGE=build python3 -m pyinfra '"$INV $DEP"' -y -v > "$LLMHOST_WORK/deploy-1.log" 2>&1
+    echo "$? $t0 $(date +%s.%N)" > "$LLMHOST_WORK/deploy-1.done"' < /dev/null > /dev/null 2>&1 &
+  say "deploy 1 (LLMHOST_STAGE=build) started in the background, pid $!"
+}
+
+progress() {
+  [ -f "$W/deploy-1.log" ] && { echo "--- deploy-1.log (last lines)"; tail -n 6 "$W/deploy-1.log"; }
+  [ -f "$W/deploy-1.done" ] && echo "deploy 1 done: $(cat "$W/deploy-1.done")"
+  return 0
+}
+
+wait_build() {
+  local waited=0
+  while [ ! -f "$W/deploy-1.done" ] && [ $waited -lt "${1:-420}" ]; do
+    sleep 10; waited=$((waited + 10))
+    [ $((waited % 60)) = 0 ] && tail -n 1 "$W/deploy-1.log"
+  done
+  [ -f "$W/deploy-1.done" ] || { echo "proof: deploy 1 still running after ${1:-420} s" >&2; tail -20 "$W/deploy-1.log"; exit 1; }
+  read -r rc t0 t1 < "$W/deploy-1.done"
+  { echo "### deploy 1: LLMHOST_STAGE=build, from nothing"; cat "$W/deploy-1.log"; echo "=== deploy 1: exit $rc in $(secs "$t0" "$t1") s"; } >> "$OUTDIR/deploy.log"
+  say "deploy 1 (stage build, from nothing): exit $rc, $(secs "$t0" "$t1") s wall; changed: $(changed_ops "$W/deploy-1.log")"
+  say "  $(grep -m1 'preflight:' "$W/deploy-1.log")"
+  say "  $(grep -m1 'build plan:' "$W/deploy-1.log" | cut -c1-400)"
+  grep -E 'configure: done|build: done|system_info:|verified:|check failed' "$W/deploy-1.log" | sed 's/^/  /' | tee -a "$summary"
+  [ "$rc" = 0 ] || { tail -40 "$W/deploy-1.log"; exit 1; }
+}
+
+server_pid=
+# serve KIND LOG -- ARGV...: start llama-server (KIND unit: through unit_exec.py)
+start_server() {
+  local log=$1; shift
+  echo "### $(date -u +%H:%M:%S) $*" >> "$log"
+  "$@" >> "$log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+}
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+}
+
+# measure LABEL PORT LOG [KEYFILE] -- start command...
+measure() {
+  local label=$1 port=$2 log=$3 key=$4; shift 5
+  start_server "$log" "$@"
+  local keyarg=(); [ -n "$key" ] && keyarg=(--api-key-file "$key")
+  if timeout 300 python3 "$here/decode_client.py" --port "$port" --parallel 1 4 --tokens 256 \
+       --rounds "${ROUNDS:-5}" --health-timeout 120 "${keyarg[@]}" > "$W/decode.tmp"; then
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["run"]=sys.argv[2]; print(json.dumps(d))' \
+      "$W/decode.tmp" "$label" | tee -a "$OUTDIR/decode.jsonl"
+  else
+    say "decode $label FAILED"; tail -30 "$log"
+  fi
+  stop_server
+}
+
+phase_serve() {
+  bash "$here/receive.sh" || exit 1
+  wait_build 420
+  snapshot
+  { echo; echo "### deploy 2: full (model, key, unit), build already there"; } >> "$OUTDIR/deploy.log"
+  deploy "$OUTDIR/deploy.log" "2 (full)" || { tail -40 "$OUTDIR/deploy.log"; exit 1; }
+  { echo; echo "### deploy 3: rerun, nothing changed"; } >> "$OUTDIR/deploy.log"
+  deploy "$OUTDIR/deploy.log" "3 (rerun, nothing changed)" || exit 1
+  say "  build op in the rerun: $(grep -E 'noop: llama.cpp (build|source)' "$OUTDIR/deploy.log" | tail -n 2 | tr -s ' ' | tr '\n' '|')"
+
+  local B MODEL KEY UNIT ARGV
+  B=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["llama_cpp"]["build_dir"])' "$CONF/llmhost.json")
+  MODEL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["services"][0]["model_path"])' "$CONF/llmhost.json")
+  KEY=$CONF/keys/main.key UNIT=$CONF/units/llama-main.service ARGV=$CONF/units/main.argv.json
+  say "build dir $B; marker: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["seconds"], "s recorded;", d["version"])' "$B/.llmhost-build.json")"
+  say "system_info (llama-server -lv 4, as the build helper reads it): $("$B/bin/llama-server" -lv 4 --host 127.0.0.1 --port 0 --model /nonexistent.gguf 2>&1 | grep -m1 -o 'system_info:.*' | cut -c1-300)"
+  say "GPU device nodes: $(ls -l /dev/nvidia* 2>/dev/null | awk '{print $1, $NF}' | tr '\n' ' ')"
+  say "unit: $(grep -E '^(ExecStart|User|LimitMEMLOCK|Environment)=' "$UNIT" | tr '\n' '|')"
+  python3 "$here/unit_exec.py" "$UNIT" "$ARGV" --check 2>&1 | tee -a "$summary"
+  grep -m1 'FlashAttention K-V type combinations' "$B.log" | tee -a "$summary"
+  { echo "# host-side build log $B.log: configure, first and last ninja lines"; sed -n '1,/^\$ cmake --build/p' "$B.log"; grep -m3 '^\[' "$B.log"; tail -n 5 "$B.log"; } > "$OUTDIR/build-host.log"
+
+  say "--- llama-bench (the deploy's build, $B/bin/llama-bench)"
+  timeout 300 "$B/bin/llama-bench" -m "$MODEL" -p 512 -n 128 -ngl 99 -fa 1 -ctk q4_0 -ctv q8_0 -o md \
+    2> "$W/bench.err" | tee "$OUTDIR/llama-bench.md" | tee -a "$summary"
+  say "llama-bench FA fallback lines: $(grep -c 'no FlashAttention vector kernel compiled' "$W/bench.err")"
+
+  say "--- served decode: unit argv (User=llama via unit_exec.py) and by hand (guide's flags), alternated"
+  local hand_port=18090
+  local hand=("$B/bin/llama-server" -m "$MODEL" -ngl 99 -c 131072 -np 4 --host 127.0.0.1 --port "$hand_port"
+              --flash-attn on -ctk q4_0 -ctv q8_0 --load-mode mmap+mlock --cont-batching --cache-prompt
+              --reasoning-format deepseek)
+  for i in 1 2 3; do
+    measure "unit-$i" 18082 "$OUTDIR/server-unit.log" "$KEY" -- python3 "$here/unit_exec.py" "$UNIT" "$ARGV"
+    measure "hand-$i" "$hand_port" "$OUTDIR/server-hand.log" "" -- "${hand[@]}"
+  done
+  python3 - "$OUTDIR/decode.jsonl" <<'EOF' | tee -a "$summary"
+import json, statistics, sys
+runs = [json.loads(line) for line in open(sys.argv[1])]
+def pool(kind, par, field="all_decode_tok_s"):
+    values = [v for r in runs if r["run"].startswith(kind)
+              for v in (r[str(par)][field] if isinstance(r[str(par)][field], list) else [r[str(par)][field]])]
+    return statistics.median(values) if values else float("nan")
+for r in runs:
+    print(f"{r['run']}: health {r['health_s']} s; 1 request {r['1']['decode_tok_s']} tok/s "
+          f"(wall {r['1']['wall_tok_s']}); 4 parallel {r['4']['decode_tok_s']} tok/s aggregate "
+          f"(wall {r['4']['wall_tok_s']}); rounds {r['1']['all_decode_tok_s']} / {r['4']['all_decode_tok_s']}")
+u1, h1, u4, h4 = pool("unit", 1), pool("hand", 1), pool("unit", 4), pool("hand", 4)
+print(f"median over all rounds: unit 1 req {u1:.1f}, hand 1 req {h1:.1f}; unit 4 par {u4:.1f}, hand 4 par {h4:.1f} tok/s")
+print(f"unit/hand-run decode ratio: {u1 / h1:.2f}")
+print(f"unit/hand-run decode ratio, 4 parallel: {u4 / h4:.2f}")
+uw, hw = pool("unit", 1, "wall_tok_s"), pool("hand", 1, "wall_tok_s")
+print(f"unit/hand-run wall ratio, 1 request (HTTP, API key check and prompt included): {uw / hw:.2f}")
+EOF
+
+  say "--- GPU evidence (first unit run's log)"
+  grep -m8 -E 'offloaded [0-9]+/[0-9]+ layers|CUDA0 KV buffer|flash_attn|graph splits|CUDA0 model buffer|using device CUDA0' "$OUTDIR/server-unit.log" | sed 's/^/  /' | tee -a "$summary"
+  say "unit_exec lines: $(grep -m3 '^unit_exec' "$OUTDIR/server-unit.log" | cut -c1-200 | tr '\n' '|')"
+  say "FA fallback lines (q4_0-q8_0): unit logs $(grep -c 'no FlashAttention vector kernel compiled' "$OUTDIR/server-unit.log"), hand logs $(grep -c 'no FlashAttention vector kernel compiled' "$OUTDIR/server-hand.log")"
+
+  # control: a pair this build lacks must log the line, or the check above proves nothing
+  start_server "$OUTDIR/server-control.log" "$B/bin/llama-server" -m "$MODEL" -ngl 99 -c 4096 -np 1 \
+    --host 127.0.0.1 --port 18091 --flash-attn on -ctk q8_0 -ctv q4_0
+  timeout 120 python3 "$here/decode_client.py" --port 18091 --parallel 1 --tokens 32 --rounds 1 > /dev/null \
+    || tail -20 "$OUTDIR/server-control.log"
+  stop_server
+  say "control q8_0-q4_0 (not compiled): $(grep -c 'no FlashAttention vector kernel compiled' "$OUTDIR/server-control.log") fallback line(s): $(grep -m1 -o 'no FlashAttention vector kernel compiled.*' "$OUTDIR/server-control.log" | cut -c1-160)"
+}
+
+phase_fa() {
+  snapshot
+  local before after
+  before=$(grep -m1 -o '^ExecStart=[^ ]*' "$CONF/units/llama-main.service")
+  { echo "### deploy 4: LLMHOST_EXTRA_PAIR=q8_0-q8_0 (service alt: K=q8_0 V=q8_0)"; } >> "$OUTDIR/deploy-fa.log"
+  deploy "$OUTDIR/deploy-fa.log" "4 (adds FA pair q8_0-q8_0)" LLMHOST_EXTRA_PAIR=q8_0-q8_0 || { tail -40 "$OUTDIR/deploy-fa.log"; exit 1; }
+  grep -E 'build plan:|configure: done|build: done|system_info:|verified:' "$OUTDIR/deploy-fa.log" | cut -c1-400 | sed 's/^/  /' | tee -a "$summary"
+  after=$(grep -m1 -o '^ExecStart=[^ ]*' "$CONF/units/llama-main.service")
+  say "llama-main ExecStart binary before: ${before#ExecStart=}; after: ${after#ExecStart=}"
+  say "llama-alt ExecStart binary: $(grep -m1 -o '^ExecStart=[^ ]*' "$CONF/units/llama-alt.service" | cut -d= -f2)"
+  say "builds: $(for d in "$W"/opt/llama.cpp/builds/*/; do printf '%s (marker %s) ' "$(basename "$d")" "$([ -f "$d/.llmhost-build.json" ] && echo yes || echo no)"; done)"
+  { echo; echo "### deploy 5: rerun with the pair"; } >> "$OUTDIR/deploy-fa.log"
+  deploy "$OUTDIR/deploy-fa.log" "5 (rerun with the pair)" LLMHOST_EXTRA_PAIR=q8_0-q8_0
+}
+
+case $phase in
+  setup) wheels; bash "$here/receive.sh" && start_build; sleep "${SETUP_WAIT:-25}"; progress ;;
+  recv) bash "$here/receive.sh"; progress ;;
+  serve) phase_serve ;;
+  fa) phase_fa ;;
+  lib) ;;  # sourced by a test: functions only
+  *) echo "usage: proof.sh setup|recv|serve|fa" >&2; exit 2 ;;
+esac
