@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 MARKER = ".llmhost-build.json"
@@ -26,24 +27,34 @@ def log(message: str) -> None:
 
 
 def run_logged(cmd: list[str], log_path: str, label: str, env: dict[str, str]) -> int:
-    """Run cmd with output appended to log_path; print ninja's [n/m] every PROGRESS_EVERY s."""
+    """Run cmd with output appended to log_path; print ninja's [n/m] every PROGRESS_EVERY s.
+
+    The progress line comes from a timer, not from the output: ninja is silent for minutes
+    while nvcc compiles one large CUDA file.
+    """
     started = time.monotonic()
-    last_print = started
-    last_step = ""
+    last_step = [""]
     with open(log_path, "a", encoding="utf-8", errors="replace") as logf:
         logf.write(f"\n$ {' '.join(cmd)}\n")
         logf.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", env=env)
-        for line in proc.stdout:
-            logf.write(line)
-            step = re.match(r"^\[(\d+)/(\d+)\]", line)
-            if step:
-                last_step = f"{step.group(1)}/{step.group(2)} ({100 * int(step.group(1)) // int(step.group(2))}%)"
-            now = time.monotonic()
-            if now - last_print >= PROGRESS_EVERY:
-                log(f"{label}: {last_step or 'running'} after {now - started:.0f}s")
-                last_print = now
+
+        def read() -> None:
+            for line in proc.stdout:
+                logf.write(line)
+                step = re.match(r"^\[(\d+)/(\d+)\]", line)
+                if step:
+                    done, total = int(step.group(1)), int(step.group(2))
+                    last_step[0] = f"{done}/{total} ({100 * done // total}%)"
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while True:
+            reader.join(PROGRESS_EVERY)
+            if not reader.is_alive():
+                break
+            log(f"{label}: {last_step[0] or 'running'} after {time.monotonic() - started:.0f}s")
         code = proc.wait()
     log(f"{label}: {'done' if code == 0 else f'failed ({code})'} in {time.monotonic() - started:.0f}s")
     return code

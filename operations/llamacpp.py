@@ -113,7 +113,9 @@ def local_source_tarball(settings: HostSettings) -> str:
     tarball = cache / f"llama.cpp-{settings.llamacpp_commit}.tar.gz"
     if not tarball.exists():
         with tempfile.NamedTemporaryFile(dir=cache, suffix=".partial", delete=False) as tmp:
+            # One top-level folder, like a release tarball: source() strips it when unpacking.
             subprocess.run(["git", "-C", str(path), "archive", "--format=tar.gz", "-o", tmp.name,
+                            f"--prefix=llama.cpp-{settings.llamacpp_commit[:12]}/",
                             settings.llamacpp_commit], check=True)
         os.replace(tmp.name, tarball)
     return str(tarball)

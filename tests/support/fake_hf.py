@@ -157,6 +157,7 @@ class FakeHF:
         for _ in range(2):  # origin and "CDN"
             server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
             server.daemon_threads = True
+            server.block_on_close = False  # an idle keep-alive client must not hold up teardown
             threading.Thread(target=server.serve_forever, daemon=True).start()
             self._servers.append(server)
         return self
