@@ -161,7 +161,7 @@ def service_section(host: str, result: dict, plots: dict[str, str]) -> list[str]
         out += table(["Context tokens", "Prefill s", "GPU mem +MiB", "RSS +MiB", "Needle",
                       "Guide prefill s", "Verdict", "Note"], body)
         out += [f"Needle at depth {needle['depth']:.0%} of a list of \"The secret code of X is "
-                f"NNNN.\" lines, asked as a completion; per-slot context {needle['per_slot_ctx']}; "
+                f"NNNNNN.\" lines, asked as a completion; per-slot context {needle['per_slot_ctx']}; "
                 f"memory from {needle.get('memory_source')}.", ""]
 
     out += ["### Start-up", ""]
@@ -215,7 +215,7 @@ def fleet_summary(fleet: dict) -> list[str]:
                      (result.get("engine") or {}).get("tg128_tok_s"),
                      fmt((result.get("ttft") or {}).get("ms"), 0),
                      (result.get("prompt") or {}).get("tok_s"),
-                     f"{max(found)} of {max(p['prompt_tokens'] for p in points)}" if found else
+                     f"{len(found)} of {len(points)} sizes, largest {max(found)}" if found else
                      ("none" if points else "—"),
                      (result.get("startup") or {}).get("seconds"),
                      c[ref.PASS], c[ref.BELOW], c[ref.NO_REFERENCE]])
@@ -224,7 +224,7 @@ def fleet_summary(fleet: dict) -> list[str]:
             body.append([host, "—", "—", "—", "—", "—", "—", "—", "—", "—", "—", "—", "—", "—",
                          f"FAILED: {entry['error']}"])
     return table(["Host", "Service", "GPU", "Model", "K/V", "Decode@1 tok/s", "Aggregate tok/s",
-                  "tg128 tok/s", "TTFT ms", "Prompt tok/s", "Needle found up to", "Start s",
+                  "tg128 tok/s", "TTFT ms", "Prompt tok/s", "Needle found", "Start s",
                   "PASS", "BELOW", "NO-REF"], body)
 
 
