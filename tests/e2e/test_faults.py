@@ -219,7 +219,8 @@ def test_disk_nearly_full_fails_preflight_and_leaves_nothing(site):
     assert partial == "", f"partial files left: {partial}"
     after = state_listing(host)
     assert after == before, f"changed: {sorted(after ^ before)}"
-    assert subprocess.run(["curl", "-fsS", "-m", "5", f"http://127.0.0.1:{site['port']}/health"]).returncode == 0
+    assert subprocess.run(["curl", "-fsS", "-m", "5", f"http://127.0.0.1:{site['port']}/health"],
+                          capture_output=True).returncode == 0
 
 
 def test_deploy_killed_mid_download_then_converges(site):
