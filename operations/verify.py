@@ -94,7 +94,8 @@ def target_for(index: int, name: str, data: dict) -> Target:
     if data.get("ssh_user"):
         lines.append(f"  User {_ssh_value(data['ssh_user'])}")
     if data.get("ssh_key"):
-        lines.append(f"  IdentityFile {_ssh_value(os.path.expanduser(data['ssh_key']))}")
+        # pytest runs from the repository root: a relative key path is the user's, made absolute.
+        lines.append(f"  IdentityFile {_ssh_value(os.path.abspath(os.path.expanduser(data['ssh_key'])))}")
         lines.append("  IdentitiesOnly yes")
     # NOTES.md: testinfra needs these in an ssh_config; --ssh-extra-args alone still failed
     # host-key verification. Verification reads, it never trusts a new key for later use.
