@@ -47,7 +47,9 @@ def main() -> int:
         return 3
     os.chmod(args.staged, 0o644)
     os.replace(args.staged, args.dest)
-    record = {**json.loads(args.record_json), "sha256": digest, "size": size}
+    # The mtime lets a rerun notice a file rewritten in place without hashing it again.
+    record = {**json.loads(args.record_json), "sha256": digest, "size": size,
+              "mtime_ns": os.stat(args.dest).st_mtime_ns}
     tmp = args.dest + ".record.json.tmp"
     with open(tmp, "w") as f:
         json.dump(record, f)

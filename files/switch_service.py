@@ -102,17 +102,22 @@ def main() -> int:
     if os.path.exists(live):
         with open(live) as f:
             old_text = f.read()
-    # Rolling back means returning to the unit that served before this switch; when only a
-    # restart was needed (same text), there is nothing else to return to.
-    can_roll_back = old_text is not None and old_text != text
-    if can_roll_back:
+    # Rolling back means returning to the unit that served before this switch. The marker
+    # says a switch is under way: if one was killed after writing the new unit, the live unit
+    # already has the new text and the one to return to is the saved previous one.
+    switching = os.path.join(STATE_DIR, unit + ".switching")
+    interrupted = os.path.exists(switching) and os.path.exists(previous)
+    can_roll_back = (old_text is not None and old_text != text) or interrupted
+    if old_text is not None and old_text != text:
         write_atomic(previous, old_text)
+    write_atomic(switching, "")
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     write_atomic(live, text)
     log(f"{unit}: unit written, restarting")
     restart(unit)
     ok, waited = wait_healthy(unit, url, timeout)
     if ok:
+        os.unlink(switching)
         log(f"{unit}: healthy after {waited:.1f}s")
         return 0
 
@@ -122,9 +127,11 @@ def main() -> int:
         shutil.copyfile(previous, live)
         restart(unit)
         ok, waited = wait_healthy(unit, url, timeout)
+        os.unlink(switching)
         state = "healthy" if ok else "NOT healthy either"
         log(f"{unit}: ROLLED BACK to the previous unit, which is {state} after {waited:.1f}s")
         return 3
+    os.unlink(switching)
     if old_text is not None:
         log(f"{unit}: the unit did not change, so there is no other unit to return to")
         return 5

@@ -36,25 +36,30 @@ class DirectoryExists(FactBase):
 
 
 class ModelFile(FactBase):
-    """Size of a model file and its record: enough to trust it without hashing it again."""
+    """Size and mtime of a model file and its record: enough to trust it without hashing it
+    again (a file rewritten in place keeps its size but not its mtime)."""
 
     def command(self, path: str) -> str:
         q = shlex.quote(path)
-        return f"stat -c %s {q} 2>/dev/null || echo -; cat {shlex.quote(path + '.record.json')} 2>/dev/null || true"
+        # python3 for the exact st_mtime_ns the helpers record (stat's %.9Y varies by version).
+        return (f"python3 -c 'import os,sys; s=os.stat(sys.argv[1]); print(s.st_size, s.st_mtime_ns)' "
+                f"{q} 2>/dev/null || echo -; cat {shlex.quote(path + '.record.json')} 2>/dev/null || true")
 
     def process(self, output):
-        size = output[0].strip() if output else "-"
+        first = output[0].split() if output else ["-"]
         record = None
         if len(output) > 1:
             try:
                 record = json.loads("\n".join(output[1:]))
             except ValueError:
                 record = None
-        return {"size": int(size) if size.isdigit() else None, "record": record}
+        if not first[0].isdigit():
+            return {"size": None, "mtime_ns": None, "record": record}
+        return {"size": int(first[0]), "mtime_ns": int(first[1]), "record": record}
 
     @staticmethod
     def default():
-        return {"size": None, "record": None}
+        return {"size": None, "mtime_ns": None, "record": None}
 
 
 class UnitState(FactBase):

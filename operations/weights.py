@@ -113,7 +113,8 @@ def plan(settings: HostSettings, model: ModelSpec) -> PlacedModel:
 def is_in_place(spec: ModelFileSpec) -> bool:
     state = host.get_fact(ModelFile, path=spec.dest)
     record = state["record"] or {}
-    return state["size"] == spec.size and record.get("sha256") == spec.sha256
+    return (state["size"] == spec.size and record.get("sha256") == spec.sha256
+            and record.get("mtime_ns") == state["mtime_ns"])
 
 
 @operation()

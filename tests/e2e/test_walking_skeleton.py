@@ -20,6 +20,7 @@ import pytest
 from tests.support import cache, deployment, sandbox
 from tests.support.deployment import REPO, run_deploy, ssh
 from tests.support.fake_hf import FakeHF
+from tests.unit.test_settings import BAD_INPUTS as UNIT_BAD_INPUTS
 
 pytestmark = pytest.mark.e2e
 
@@ -86,6 +87,12 @@ BAD_INPUTS = [
      "host skeleton: llm_services.a.model.path: found '/nonexistent/m.gguf', which does not exist or is "
      "not readable on the controller; expected the GGUF file to push"),
 ]
+
+
+# And every case of the unit table (tests/unit/test_settings.py), now through the real CLI
+# against a real host: 30 invalid inventories in all, each with its exact line.
+BAD_INPUTS += [(f"unit: {name}", data, expected.replace("host h1:", "host skeleton:", 1))
+               for name, data, expected in UNIT_BAD_INPUTS]
 
 
 @pytest.mark.parametrize("data,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])

@@ -186,7 +186,7 @@ class SandboxHost:
             f"  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
 
     def _cgroup_dirs(self) -> list[Path]:
-        return [Path("/sys/fs/cgroup") / h / "llmhost-sandbox" / self.name
+        return [Path("/sys/fs/cgroup") / h / "llmhost-sandbox" / self.workdir.name
                 for h in ("systemd", "unified") if (Path("/sys/fs/cgroup") / h).is_dir()]
 
     def boot(self, timeout: float = 90) -> None:
