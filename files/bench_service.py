@@ -16,13 +16,16 @@ time, printing one progress line per step:
               (skipped, with the reason, when the chat template has no thinking)
   needle      a needle at a known depth in haystacks up to the per-slot context: prefill time,
               GPU memory growth (nvidia-smi), the service's RSS growth, found or not
-  startup     `systemctl restart` to /health 200 (only with --restart)
+  startup     `systemctl restart` to /health 200 (only with --restart; skipped, with the
+              reason, where systemd is not PID 1)
   kv-sweep    llama-bench over the guide's K/V pairs the build compiled (only with --kv-sweep)
 
 Writes one JSON object to --out. Exit status 0 when the JSON was written (failed steps are
 recorded in it under "errors"), 2 when the service could not be benchmarked at all.
 
-    bench_service.py --service translate --out /tmp/result.json [--restart] [--kv-sweep]
+    bench_service.py --service translate --out /tmp/result.json [--restart] [--kv-sweep] [--pid PID]
+
+Without systemd as PID 1 the service's process (argv, RSS) is the listener of its port, or --pid.
 """
 
 from __future__ import annotations
@@ -353,6 +356,41 @@ def main_pid(unit: str) -> int:
         return 0
 
 
+def systemd_running() -> bool:
+    """True when systemd is PID 1 (sd_booted's test). Without it (a container, the H100 proof
+    machine) there is no MainPID to ask for and no unit to restart."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def listener_pid(port: int) -> int:
+    """The process listening on TCP ``port`` (from /proc/net/tcp{,6} and /proc/*/fd), or 0. Bounded:
+    one pass over /proc; a socket of another user's process needs root to be seen."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    cells = line.split()
+                    # local_address is HEXIP:HEXPORT; state 0A is LISTEN
+                    if len(cells) > 9 and cells[3] == "0A" and int(cells[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{cells[9]}]")
+        except (OSError, ValueError):
+            continue
+    if not inodes:
+        return 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    return int(entry)
+        except OSError:
+            continue
+    return 0
+
+
 def process_argv(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -484,7 +522,16 @@ class Bench:
         if status != 200:
             raise SystemExit(f"bench: {s['name']}: {self.base}/health answered {status or 'nothing'}; "
                              f"expected 200 (is {s['unit']} running?)")
-        self.pid = main_pid(s["unit"])
+        self.systemd = systemd_running()
+        if self.args.pid:
+            self.pid, pid_source = self.args.pid, "--pid"
+        elif self.systemd:
+            self.pid, pid_source = main_pid(s["unit"]), "systemd MainPID"
+        else:
+            self.pid = listener_pid(url.port) if url.port else 0
+            pid_source = f"the listener of port {url.port} (systemd is not PID 1 here)"
+            log(f"service {s['name']}: no systemd: its process is {pid_source}: "
+                f"{self.pid or 'not found (run as root, or pass --pid)'}")
         argv = process_argv(self.pid) if self.pid else []
         flags = parse_server_argv(argv)
         status, props = self.server.get("/props")
@@ -507,7 +554,7 @@ class Bench:
         self.bench_binary = os.path.join(build_dir, "bin", "llama-bench")
         self.result["service"] = {
             "name": s["name"], "unit": s["unit"], "address": self.address, "port": url.port,
-            "base_url": self.base, "main_pid": self.pid,
+            "base_url": self.base, "main_pid": self.pid, "pid_source": pid_source,
             "model_path": model_path, "model_file": os.path.basename(model_path or ""),
             "model_bytes": os.path.getsize(model_path) if model_path and os.path.exists(model_path) else None,
             "gpu_layers": gpu_layers, "gpus": self.gpus,
@@ -818,11 +865,16 @@ class Bench:
         self.result["decode"] = self.step("decode", self.decode)
         self.result["ttft"] = self.step("ttft", self.ttft)
         self.result["prompt"] = self.step("prompt", self.prompt_processing)
+        restart = a.restart and self.systemd
+        no_restart = (f"--restart needs systemd, which is not PID 1 on this host (no "
+                      f"/run/systemd/system): {self.service['unit']} cannot be restarted")
+        if a.restart and not restart:
+            log(f"startup: skipped: {no_restart}")
         room = self.engine_room()
         deferred = []
         if room is None:
             self.result["engine"] = self.step("engine", self.engine)
-        elif a.restart and self.uses_gpu and "missing" not in room:
+        elif restart and self.uses_gpu and "missing" not in room:
             deferred.append(("engine", self.engine))
         else:
             log(f"engine: skipped: {room}")
@@ -842,8 +894,10 @@ class Bench:
             def both():
                 return {key: self.step(key, fn) for key, fn in deferred}
             self.result.update(self._stopped_service("llama-bench", both))
-        if a.restart:
+        if restart:
             self.result["startup"] = self.step("startup", self.startup)
+        elif a.restart:
+            self.result["startup"] = {"skipped": no_restart}
         else:
             self.result["startup"] = {"skipped": "not asked for (--restart restarts the service)"}
         self.result["host"]["loadavg_end"] = load_average()
@@ -861,6 +915,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure start-up (systemctl restart to /health 200); lets llama-bench "
                         "stop the service when the GPU cannot hold the model twice")
     p.add_argument("--kv-sweep", action="store_true", help="llama-bench over the guide's K/V pairs")
+    p.add_argument("--pid", type=int, default=0,
+                   help="the service's process id, in place of systemd's MainPID (hosts without "
+                        "systemd as PID 1; without it there the port's listener is looked up)")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--rounds", type=int, default=3)

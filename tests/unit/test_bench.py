@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -217,6 +218,29 @@ def test_helper_stops_when_the_time_budget_is_spent(fake_service, tmp_path):
     result = json.loads(out.read_text())
     assert result["seconds"] < 20
     assert "time budget" in json.dumps(result)
+
+
+def test_listener_pid_finds_the_process_serving_a_port(fake_service):
+    _, port = fake_service  # served by this test's own process
+    assert bench_service.listener_pid(port) == os.getpid()
+
+
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd is PID 1 here")
+def test_without_systemd_the_helper_finds_the_listener_and_skips_the_restart(fake_service, tmp_path):
+    manifest, _ = fake_service
+    out = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, str(HELPER), "--manifest", str(manifest), "--service", "svc",
+                          "--out", str(out), "--decode-tokens", "8", "--rounds", "1", "--needle-max", "64",
+                          "--restart", "--time-budget", "60"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["service"]["main_pid"] == os.getpid() and "port" in result["service"]["pid_source"]
+    assert "needs systemd" in result["startup"]["skipped"] and result["errors"] == []
+    assert "bench: startup: skipped: --restart needs systemd" in run.stdout
+    run = subprocess.run([sys.executable, str(HELPER), "--manifest", str(manifest), "--service", "svc",
+                          "--out", str(out), "--decode-tokens", "8", "--rounds", "1", "--needle-max", "64",
+                          "--pid", "1", "--time-budget", "60"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and json.loads(out.read_text())["service"]["pid_source"] == "--pid"
 
 
 # -- expectations ------------------------------------------------------------------------------
