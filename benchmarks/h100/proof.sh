@@ -10,9 +10,12 @@
 #                    timed; llama-bench; llama-server from the staged unit's ExecStart vs by hand
 #                    with the guide's flags, alternated; the FlashAttention log check and control
 #   proof.sh fa      LLMHOST_EXTRA_PAIR=q8_0-q8_0: one more FA pair builds beside the old build
+#   proof.sh bench   carry the last model piece: wait for that build; the full deploy; the unit's
+#                    server; decode by hand, `python -m operations.bench` (issue 7), decode by hand
+#                    again, and the bench-vs-hand table (benchonly: the same on a deploy already there)
 # Files land in $OUT (at most 8 a call); summary.txt has the figures.
 set -uo pipefail
-phase=${1:?usage: proof.sh setup|recv|serve|fa}
+phase=${1:?usage: proof.sh setup|recv|serve|fa|bench|benchonly}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$repo/benchmarks/h100
 W=${LLMHOST_WORK:-/var/tmp/llmhost}
@@ -221,11 +224,133 @@ phase_fa() {
   deploy "$OUTDIR/deploy-fa.log" "5 (rerun with the pair)" LLMHOST_EXTRA_PAIR=q8_0-q8_0
 }
 
+# The acceptance bench (issue 7) on the deploy's own service, started from its staged unit, with
+# the same decode measured by hand (decode_client.py) just before and just after it. At most 8
+# files in $OUT: summary.txt (figures and the bench-vs-hand table), deploy.log, bench.log, the
+# bench's local.json (its @local.json: '@' cannot come back), report.md, the two plots, logs.tar.gz.
+bench_run() {
+  local L=$W/benchlogs B MODEL KEY UNIT ARGV PORT T=${TOKENS:-256} R=${ROUNDS:-20} rc spid
+  rm -rf "$L" && mkdir -p "$L"
+  B=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["llama_cpp"]["build_dir"])' "$CONF/llmhost.json")
+  MODEL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["services"][0]["model_path"])' "$CONF/llmhost.json")
+  PORT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["services"][0]["port"])' "$CONF/llmhost.json")
+  KEY=$CONF/keys/main.key UNIT=$CONF/units/llama-main.service ARGV=$CONF/units/main.argv.json
+  say "bench run: $(date -u +%Y-%m-%dT%H:%M:%SZ); $(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null || echo no GPU); $(nproc) cores; build $B"
+  python3 "$here/unit_exec.py" "$UNIT" "$ARGV" --check 2>&1 | tee -a "$summary"
+  start_server "$L/server-unit.log" python3 "$here/unit_exec.py" "$UNIT" "$ARGV"
+  spid=$server_pid
+  hand() {
+    timeout 300 python3 "$here/decode_client.py" --port "$PORT" --parallel 1 2 4 --tokens "$T" \
+      --rounds "$R" --health-timeout 120 --api-key-file "$KEY" --reset-slots 4 > "$L/hand-$1.json" \
+      && say "hand $1: $(cat "$L/hand-$1.json")" || say "hand $1 FAILED"
+  }
+  hand before
+  say "GPU processes: $(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null | tr '\n' '|')"
+  say "server: pid $spid ($(tr '\0' ' ' < /proc/$spid/cmdline | cut -c1-60)...), user $(stat -c %U /proc/$spid)"
+
+  say "--- python -m operations.bench (from $W/repo, the deploy's snapshot)"
+  local cmd=(python3 -m operations.bench "$INV" --out "$L/bench-out" --decode-tokens "$T" --rounds "$R"
+             --parallel 1 2 4 --restart --kv-sweep --time-budget "${BUDGET:-600}" ${NEEDLE_MAX:+--needle-max "$NEEDLE_MAX"})
+  say "command: (cd $W/repo && ${cmd[*]})"
+  (cd "$W/repo" && timeout 900 "${cmd[@]}") 2>&1 | tee "$OUTDIR/bench.log"
+  rc=${PIPESTATUS[0]}
+  say "operations.bench exit $rc"
+  if ! python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["services"] else 1)' \
+       "$L/bench-out/@local.json" 2>/dev/null; then
+    mv "$L/bench-out" "$L/bench-out-failed" 2>/dev/null
+    say "operations.bench wrote no JSON: fallback, bench_service.py directly with --pid $spid, then bench_report"
+    (cd "$W/repo" && timeout 900 python3 files/bench_service.py --manifest "$CONF/llmhost.json" --service main \
+      --out "$L/direct.json" --decode-tokens "$T" --rounds "$R" --parallel 1 2 4 --restart --kv-sweep \
+      --time-budget "${BUDGET:-600}" --pid "$spid" ${NEEDLE_MAX:+--needle-max "$NEEDLE_MAX"}) 2>&1 | tee -a "$OUTDIR/bench.log"
+    (cd "$W/repo" && python3 - "$L/direct.json" "$L/bench-out" <<'PY') 2>&1 | tee -a "$summary"
+import json, sys
+from pathlib import Path
+from operations import bench
+result = json.load(open(sys.argv[1])); result["inventory_host"] = "@local"
+fleet = {"@local": {"services": [result], "error": None}}
+out = Path(sys.argv[2])
+bench.write_outputs(fleet, out, "files/bench_service.py --service main --pid PID (direct, see bench.log)", result["started"])
+(out / "@local.json").write_text(json.dumps({"host": "@local", **fleet["@local"]}, indent=1) + "\n")
+print("rendered with operations.bench.write_outputs")
+PY
+  fi
+  hand after
+  kill -0 "$spid" 2>/dev/null && say "server pid $spid still up after the bench (not restarted)" || say "server pid $spid GONE"
+  stop_server
+
+  python3 - "$L/bench-out/@local.json" "$L/hand-before.json" "$L/hand-after.json" "$spid" <<'PY' | tee -a "$summary"
+import json, statistics, sys
+host = json.load(open(sys.argv[1]))
+res = host["services"][0]
+hands = {}
+for name, path in (("before", sys.argv[2]), ("after", sys.argv[3])):
+    try:
+        hands[name] = json.load(open(path))
+    except (OSError, ValueError):
+        hands[name] = None
+svc = res["service"]
+print(f"bench service pid {svc.get('main_pid')} ({svc.get('pid_source')}); server started as pid {sys.argv[4]}")
+eng = res.get("engine") or {}
+print(f"llama-bench (from the bench): pp512 {eng.get('pp512_tok_s')} ± {eng.get('pp512_stddev')}, "
+      f"tg128 {eng.get('tg128_tok_s')} ± {eng.get('tg128_stddev')} tok/s; argv {' '.join(eng.get('argv', []))}")
+print(f"startup: {res.get('startup')}")
+print(f"errors: {res.get('errors')}")
+print()
+print("| parallel | measure | bench | hand before | hand after | hand pooled | bench / before | bench / after | bench / pooled |")
+print("|---|---|---|---|---|---|---|---|---|")
+worst = 0.0
+def r(a, b):
+    return f"{a / b:.3f}" if a and b else "—"
+for level in res["decode"]["levels"]:
+    n = level["parallel"]
+    bench_sum = statistics.median(r_["sum_of_rates_tok_s"] for r_ in level["rounds"])
+    rows = (("per request", level["per_request_tok_s"], "per_request_tok_s", "all_per_request_tok_s"),
+            ("aggregate", level["aggregate_tok_s"], "span_tok_s", "all_span_tok_s"),
+            ("sum of rates", bench_sum, "decode_tok_s", "all_decode_tok_s"))
+    for label, b, field, allf in rows:
+        vals, pool = [], []
+        for name in ("before", "after"):
+            h = (hands[name] or {}).get(str(n))
+            vals.append(h[field] if h else None)
+            pool += h[allf] if h else []
+        p = statistics.median(pool) if pool else None
+        if p and label != "sum of rates":
+            worst = max(worst, abs(b / p - 1))
+        f = lambda v: f"{v:.1f}" if v else "—"
+        print(f"| {n} | {label} | {b:.1f} | {f(vals[0])} | {f(vals[1])} | {f(p)} | {r(b, vals[0])} | {r(b, vals[1])} | {r(b, p)} |")
+print()
+print("bench: median over its rounds; hand before / after: decode_client.py median over its rounds; "
+      "hand pooled: median over the rounds of both hand runs; per request = median timings.predicted_per_second "
+      "of a round; aggregate = tokens / span of the decode intervals; sum of rates = sum of predicted_per_second")
+print(f"hand slots reset: before {(hands['before'] or {}).get('reset_slots')}, after {(hands['after'] or {}).get('reset_slots')}")
+print(f"largest bench / hand-pooled deviation (per request and aggregate): {worst:.1%} (target within 5%)")
+wall = {n: [(hands[k] or {}).get(str(n), {}).get("wall_tok_s") for k in ("before", "after")] for n in (1, 2, 4)}
+print(f"hand client wall-clock tok/s (prompt and HTTP included), before/after: {wall}")
+PY
+
+  cp "$L/bench-out/@local.json" "$OUTDIR/local.json" 2>/dev/null
+  for f in report.md throughput.png context.png; do cp "$L/bench-out/$f" "$OUTDIR/$f" 2>/dev/null || say "no $f"; done
+  grep -c 'no FlashAttention vector kernel compiled' "$L/server-unit.log" | sed 's/^/FA fallback lines in the server log: /' | tee -a "$summary"
+  tar -C "$L" -czf "$OUTDIR/logs.tar.gz" --exclude=bench-out . 2>/dev/null
+  ls -la "$OUTDIR"
+}
+
+phase_bench() {
+  bash "$here/receive.sh" || exit 1
+  wait_build "${BUILD_WAIT:-420}"
+  snapshot
+  { echo; echo "### deploy 2: full (model, key, unit), build already there"; } >> "$OUTDIR/deploy.log"
+  deploy "$OUTDIR/deploy.log" "2 (full)" || { tail -40 "$OUTDIR/deploy.log"; exit 1; }
+  bench_run
+}
+
 case $phase in
   setup) wheels; bash "$here/receive.sh" && start_build; sleep "${SETUP_WAIT:-25}"; progress ;;
   recv) bash "$here/receive.sh"; progress ;;
   serve) phase_serve ;;
   fa) phase_fa ;;
+  bench) phase_bench ;;                 # issue 7: the deploy, then the bench and the hand decode
+  benchonly) snapshot; bench_run ;;     # the same on a deploy already there
   lib) ;;  # sourced by a test: functions only
-  *) echo "usage: proof.sh setup|recv|serve|fa" >&2; exit 2 ;;
+  *) echo "usage: proof.sh setup|recv|serve|fa|bench|benchonly" >&2; exit 2 ;;
 esac
