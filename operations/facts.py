@@ -27,14 +27,6 @@ class JsonFile(FactBase):
             return None
 
 
-class DirectoryExists(FactBase):
-    def command(self, path: str) -> str:
-        return f"test -d {shlex.quote(path)} && echo yes || echo no"
-
-    def process(self, output):
-        return output[0].strip() == "yes"
-
-
 class ModelFile(FactBase):
     """Size and mtime of a model file and its record: enough to trust it without hashing it
     again (a file rewritten in place keeps its size but not its mtime)."""

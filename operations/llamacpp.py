@@ -23,7 +23,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
 from operations import gpu, remote
-from operations.facts import DirectoryExists, JsonFile
+from operations.facts import JsonFile
 from operations.settings import HostSettings
 
 TARGETS = ("llama-server", "llama-bench")

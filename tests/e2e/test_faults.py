@@ -19,12 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.support import cache, deployment, sandbox
+from tests.support.health import HealthPoller
 from tests.support.deployment import REPO, DeployResult, run_deploy, ssh
 from tests.support.fake_hf import FakeHF
 
@@ -36,45 +36,6 @@ UNIT = "llama-translate.service"
 MODEL_DIR = "/var/lib/llama-models"
 # The restart of a unit switch: the old server stops, the new one loads a 250 MB model on 2 cores.
 MAX_OUTAGE = 60
-
-
-class HealthPoller(threading.Thread):
-    """/health every 0.2 s from the controller, bounded by ``limit`` seconds; (time, ok) samples."""
-
-    def __init__(self, port: int, limit: float = 1500):
-        super().__init__(daemon=True)
-        self.url, self.limit, self.samples = f"http://127.0.0.1:{port}/health", limit, []
-        self.stop_event = threading.Event()
-
-    def run(self):
-        started = time.monotonic()
-        while not self.stop_event.is_set() and time.monotonic() - started < self.limit:
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    ok = r.status == 200
-            except OSError:
-                ok = False
-            self.samples.append((time.monotonic(), ok))
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=10)
-
-    def outages(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, float]]:
-        """(start, seconds) of each run of failed samples inside [since, until]."""
-        windows, start = [], None
-        for t, ok in self.samples:
-            if t < since or t > until:
-                continue
-            if not ok and start is None:
-                start = t
-            if ok and start is not None:
-                windows.append((start, t - start))
-                start = None
-        if start is not None:
-            windows.append((start, float("inf")))
-        return windows
 
 
 def deploy_killed_when(inventory: Path, pattern: str, env: dict, timeout: float = 900) -> tuple[str, float]:

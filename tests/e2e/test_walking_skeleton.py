@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 
 import pytest
 
 from tests.support import cache, deployment, sandbox
 from tests.support.deployment import REPO, run_deploy, ssh
 from tests.support.fake_hf import FakeHF
+from tests.support.health import HealthPoller
 from tests.unit.test_settings import BAD_INPUTS as UNIT_BAD_INPUTS
 
 pytestmark = pytest.mark.e2e
@@ -202,39 +201,6 @@ def test_unknown_flag_fails_before_the_unit_changes(converged):
     assert completion(host, port, "/etc/llama/keys/translate.key")["content"]
 
 
-class HealthPoller(threading.Thread):
-    """Polls a service's /health from the controller (the host shares our loopback) every 0.2 s,
-    for at most ``limit`` seconds, recording (time, ok)."""
-
-    def __init__(self, port: int, limit: float = 600):
-        super().__init__(daemon=True)
-        self.url, self.limit, self.samples = f"http://127.0.0.1:{port}/health", limit, []
-        self.stop_event = threading.Event()
-
-    def run(self):
-        started = time.monotonic()
-        while not self.stop_event.is_set() and time.monotonic() - started < self.limit:
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    ok = r.status == 200
-            except OSError:
-                ok = False
-            self.samples.append((time.monotonic(), ok))
-            time.sleep(0.2)
-
-    def outage_windows(self) -> list[float]:
-        windows, start = [], None
-        for t, ok in self.samples:
-            if not ok and start is None:
-                start = t
-            if ok and start is not None:
-                windows.append(t - start)
-                start = None
-        if start is not None:
-            windows.append(float("inf"))
-        return windows
-
-
 def test_unhealthy_new_unit_rolls_back_while_the_old_one_answers(converged, tmp_path):
     host, port = converged["host"], converged["ports"]["translate"]
     unit_before = ssh(host, "cat /etc/systemd/system/llama-translate.service").stdout
@@ -246,15 +212,14 @@ def test_unhealthy_new_unit_rolls_back_while_the_old_one_answers(converged, tmp_
     poller.start()
     result = run_deploy(inventory, env=converged["env"], timeout=900)
     time.sleep(1)
-    poller.stop_event.set()
-    poller.join()
+    poller.stop()
     assert result.returncode != 0
     assert "ROLLED BACK to the previous unit, which is healthy" in result.output, result.output[-4000:]
     assert ssh(host, "cat /etc/systemd/system/llama-translate.service").stdout == unit_before
     assert completion(host, port, "/etc/llama/keys/translate.key")["content"]
     # One outage, the restart window (failed start + old unit's start), and none after it.
-    windows = poller.outage_windows()
-    assert len(windows) == 1 and windows[0] < 60, windows
+    windows = poller.outages()
+    assert len(windows) == 1 and windows[0][1] < 60, windows
     assert poller.samples[-1][1], "the old service is not answering after the deploy"
 
 

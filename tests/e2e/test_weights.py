@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.support import cache, deployment, sandbox
-from tests.support.deployment import REPO, DeployResult, ssh
+from tests.support.deployment import REPO, ssh
 from tests.support.fake_hf import FakeHF
 
 pytestmark = pytest.mark.e2e
