@@ -28,8 +28,10 @@ def site(tmp_path_factory):
     with deployment.booted("weights") as host, deployment.git_daemon(repo) as git_url, FakeHF() as hub:
         port = sandbox.free_port()
 
-        def inventory(repo_id: str):
+        def inventory(repo_id: str, mirror: bool = False):
             hf_model = {"source": "hf", "repo": repo_id, "file": cache.MODEL_NAME}
+            if mirror:  # the endpoint in the settings instead of HF_ENDPOINT
+                hf_model.update(source="mirror", endpoint=hub.endpoint)
             service = deployment.service_settings(port, model, model=hf_model)
             return deployment.write_inventory(workdir / "inventory.py", {"weights": (host, {
                 "llm_llamacpp_git_url": git_url, "llm_health_timeout": 120,
@@ -101,11 +103,11 @@ def test_corrupted_byte_is_caught_and_the_service_never_sees_it(site):
     assert digest == cache.MODEL_SHA256
 
 
-def test_server_ignoring_range_still_ends_verified(site):
+def test_mirror_ignoring_range_still_ends_verified(site):
     hub, host = site["hub"], site["host"]
-    inventory = site["inventory"](site["publish"]("tests/norange"))
+    inventory = site["inventory"](site["publish"]("tests/norange"), mirror=True)
     hub.faults.ignore_range = True
-    result = deployment.run_deploy(inventory, env=site["env"])
+    result = deployment.run_deploy(inventory, env={"HF_ENDPOINT": "http://127.0.0.1:9/unused"})
     hub.faults.reset()
     assert result.returncode == 0, result.output[-5000:]
     digest = ssh(host, "sha256sum /var/lib/llama-models/tests--norange/*/*.gguf").stdout.split()[0]
