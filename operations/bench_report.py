@@ -234,9 +234,9 @@ def render(fleet: dict, *, command: str, started: str, plots: dict[str, str], pl
            f"- Reference: the guide's tables ({ref.SOURCE}) for the hardware and models it measured "
            f"(an RTX 5090 with its models); a row PASSes at {ref.TOLERANCE:.0%} of a guide "
            f"throughput or within 1/{ref.TOLERANCE} of a guide time. Other GPUs and models: "
-           f"figures only (NO-REFERENCE). SKIPPED: not measured in this run.",
-           f"- Each service was measured on its own host against its own address "
-           f"(files/bench_service.py); decode figures are the server's own `timings`.", "",
+           "figures only (NO-REFERENCE). SKIPPED: not measured in this run.",
+           "- Each service was measured on its own host against its own address "
+           "(files/bench_service.py); decode figures are the server's own `timings`.", "",
            "## Fleet summary", ""]
     out += fleet_summary(fleet)
     if plots:

@@ -19,7 +19,7 @@ from operations import remote
 from operations.facts import ServerOptions, UnitState
 from operations.flags import ServerPaths, option_names, server_argv, systemd_exec_line
 from operations.llamacpp import Build
-from operations.settings import HostSettings, ServiceSpec
+from operations.settings import HostSettings, ServiceSpec, manifest_path
 from operations.weights import PlacedModel
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -120,7 +120,7 @@ def argv_options(settings: HostSettings, service: ServiceSpec, build: Build, mod
     return [argv[0], *option_names(argv)]
 
 
-MANIFEST_NAME = "llmhost.json"
+MANIFEST_NAME = manifest_path({}).rsplit("/", 1)[1]
 
 
 def host_manifest(settings: HostSettings, build: Build, models: dict[str, PlacedModel]) -> dict:

@@ -244,6 +244,17 @@ MODEL_SETTINGS: tuple[Setting, ...] = (
 SECRET_KEYS = {"api_key_value", "key", "token", "hf_token", "password", "secret"}
 
 
+def host_default(name: str):
+    """The default of a host setting, for code that reads host data without validating it."""
+    return next(s.default for s in HOST_SETTINGS if s.name == name)
+
+
+def manifest_path(data: Mapping[str, Any]) -> str:
+    """Where the deploy writes its manifest on a host (read by tests/host, verify, bench)."""
+    config_dir = data.get("llm_config_dir") or host_default("llm_config_dir")
+    return f"{str(config_dir).rstrip('/')}/llmhost.json"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     source: str

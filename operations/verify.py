@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from operations.inventory import load_inventory
+from operations.settings import manifest_path
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "tests" / "host"
@@ -42,6 +43,7 @@ class Target:
     url: str  # testinfra --hosts value
     ssh_config: str | None = None  # the Host block for this host (ssh only)
     sudo: bool = False
+    manifest: str = manifest_path({})  # the deploy's llm_config_dir on this host
     problem: str | None = None  # why this host cannot be verified (then it fails)
 
 
@@ -78,9 +80,10 @@ def _ssh_value(value) -> str:
 def target_for(index: int, name: str, data: dict) -> Target:
     """The testinfra URL (and ssh_config block) for a host, from its pyinfra data."""
     if name == "@local" or name.startswith("@local"):
-        return Target(name, "local://", sudo=bool(data.get("_sudo")))
+        return Target(name, "local://", sudo=bool(data.get("_sudo")), manifest=manifest_path(data))
     if name.startswith("@docker/"):
-        return Target(name, f"docker://{name.split('/', 1)[1]}", sudo=bool(data.get("_sudo")))
+        return Target(name, f"docker://{name.split('/', 1)[1]}", sudo=bool(data.get("_sudo")),
+                      manifest=manifest_path(data))
     if name.startswith("@"):
         return Target(name, "", problem=f"connector {name.split('/')[0]} is not supported by "
                                             f"verify; run pytest tests/host --hosts=... by hand")
@@ -102,7 +105,7 @@ def target_for(index: int, name: str, data: dict) -> Target:
     lines += ["  StrictHostKeyChecking no", "  UserKnownHostsFile /dev/null", "  LogLevel ERROR",
               "  ConnectTimeout 15", "  ServerAliveInterval 15", "  BatchMode yes"]
     return Target(name, f"ssh://{alias}", ssh_config="\n".join(lines) + "\n",
-                  sudo=bool(data.get("_sudo")))
+                  sudo=bool(data.get("_sudo")), manifest=manifest_path(data))
 
 
 def _message(element: ET.Element) -> str:
@@ -139,7 +142,8 @@ def run_host(target: Target, workdir: Path, suite: Path, extra: list[str],
         return HostResult(target.name, 1, "", 0.0, [Check("connection", "error", target.problem)])
     junit = workdir / f"{target.url.replace('/', '_').replace(':', '_')}-{id(target)}.xml"
     cmd = [sys.executable, "-m", "pytest", str(suite), "-p", "no:cacheprovider", "-rfEs",
-           "--color=no", f"--hosts={target.url}", f"--junitxml={junit}"]
+           "--color=no", f"--hosts={target.url}", f"--junitxml={junit}",
+           f"--llmhost-manifest={target.manifest}"]
     if target.ssh_config:
         config = workdir / f"ssh_config-{junit.stem}"
         config.write_text(target.ssh_config)

@@ -12,7 +12,9 @@ import json
 
 import pytest
 
-DEFAULT_MANIFEST = "/etc/llama/llmhost.json"
+from operations.settings import manifest_path
+
+DEFAULT_MANIFEST = manifest_path({})  # the deploy's default llm_config_dir
 
 
 def pytest_addoption(parser):
