@@ -11,7 +11,8 @@ time, printing one progress line per step:
               server's own `timings`
   ttft        time to first token of a streamed /completion
   prompt      prompt processing rate (a ~512-token prompt, server timings)
-  engine      llama-bench pp512/tg128 with the service's model, -ngl, K/V types and -fa 1
+  engine      llama-bench pp512/tg128 with the service's model, -ngl, K/V types and -fa 1; then
+              served decode and tg128 alternated (--ceiling-pairs) when both can run at once
   thinking    tokens and latency of a short translation with thinking on and off
               (skipped, with the reason, when the chat template has no thinking)
   needle      a needle at a known depth in haystacks up to the per-slot context: prefill time,
@@ -58,6 +59,7 @@ CUDA_FA_DEFAULT_PAIRS = ("q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16")
 # The guide's long-context points (section 3.4): tested too whenever they fit the slot.
 GUIDE_CONTEXT_POINTS = (9_000, 53_000, 107_000, 178_000)
 DECODE_PROMPT = "The capital of France is"
+TG_TOKENS = 128  # llama-bench's tg128
 TRANSLATION = "Translate into English: 今天天气很好，我们一起去公园散步吧。"
 THINKING_MARKERS = ("enable_thinking", "<think>", "reasoning_content")
 NEEDLE_ANSWER_TOKENS = 8
@@ -660,10 +662,10 @@ class Bench:
             lines = lines[:max(1, int(len(lines) * tokens / count * 0.98))]
         return "\n".join(lines)
 
-    def _llama_bench(self, k: str, v: str, repetitions: int, timeout: float) -> dict:
+    def _llama_bench(self, k: str, v: str, repetitions: int, timeout: float, prompt: int = 512) -> dict:
         svc = self.result["service"]
         argv = [self.bench_binary, "-m", svc["model_path"], "-ngl", str(svc["gpu_layers"]),
-                "-fa", "1", "-ctk", k, "-ctv", v, "-p", "512", "-n", "128",
+                "-fa", "1", "-ctk", k, "-ctv", v, "-p", str(prompt), "-n", str(TG_TOKENS),
                 "-r", str(repetitions), "-o", "json"]
         if svc["threads"]:
             argv += ["-t", str(svc["threads"])]
@@ -702,13 +704,48 @@ class Bench:
                     f"service for it")
         return None
 
-    def engine(self) -> dict:
+    def engine(self, service_up: bool = True) -> dict:
         svc = self.result["service"]
         out = self._llama_bench(svc["cache_type_k"], svc["cache_type_v"], self.args.bench_repetitions,
                                 self.args.bench_timeout)
         log(f"engine: llama-bench K/V {svc['cache_type_k']}/{svc['cache_type_v']}: "
             f"pp512 {out.get('pp512_tok_s', 0):.1f} tok/s, tg128 {out.get('tg128_tok_s', 0):.1f} tok/s")
+        if not service_up:
+            out["paired"] = {"skipped": "llama-bench ran with the service stopped (the GPU cannot "
+                                        "hold the model twice), so it cannot alternate with it"}
+        elif self.args.ceiling_pairs:
+            out["paired"] = self.step("engine pairs", self.paired_ceiling)  # its failure keeps tg128
+        else:
+            out["paired"] = {"skipped": "not asked for (--ceiling-pairs 0)"}
         return out
+
+    def paired_ceiling(self) -> dict:
+        """Served decode at 1 request vs llama-bench tg128, alternated back to back.
+
+        On a shared machine the throughput drifts by more than the server's overhead over the tens
+        of seconds between the decode and engine steps (a 2-core VM: 55-76 tok/s served and 67-81
+        tok/s tg128 across runs, same binary and flags). Alternating one of each cancels the drift,
+        so the ratio says whether the engine really is the served decode's ceiling."""
+        svc = self.result["service"]
+        pairs = []
+        for i in range(self.args.ceiling_pairs):
+            if self.remaining() < 10:
+                break
+            served = self.server.completion(DECODE_PROMPT, TG_TOKENS, self.timeout(self.args.request_timeout))
+            engine = self._llama_bench(svc["cache_type_k"], svc["cache_type_v"], 1,
+                                       self.args.bench_timeout, prompt=0)
+            pair = {"served_tok_s": served["timings"]["predicted_per_second"],
+                    "tg128_tok_s": engine["tg128_tok_s"]}
+            pair["ratio"] = pair["served_tok_s"] / pair["tg128_tok_s"]
+            pairs.append(pair)
+            log(f"engine: pair {i + 1}/{self.args.ceiling_pairs}: served {pair['served_tok_s']:.1f} "
+                f"tok/s, tg128 {pair['tg128_tok_s']:.1f} tok/s, ratio {pair['ratio']:.3f}")
+        if not pairs:
+            return {"skipped": "time budget spent before the first pair"}
+        return {"tokens": TG_TOKENS, "pairs": pairs,
+                "served_over_tg128": statistics.median(p["ratio"] for p in pairs),
+                "method": f"{len(pairs)} alternations of one {TG_TOKENS}-token /completion (server "
+                          f"timings) and one llama-bench -p 0 -n {TG_TOKENS} -r 1; median of the ratios"}
 
     def thinking(self) -> dict:
         svc = self.result["service"]
@@ -875,7 +912,7 @@ class Bench:
         if room is None:
             self.result["engine"] = self.step("engine", self.engine)
         elif restart and self.uses_gpu and "missing" not in room:
-            deferred.append(("engine", self.engine))
+            deferred.append(("engine", lambda: self.engine(service_up=False)))
         else:
             log(f"engine: skipped: {room}")
             self.result["engine"] = {"skipped": room}
@@ -922,6 +959,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--bench-repetitions", type=int, default=3)
+    p.add_argument("--ceiling-pairs", type=int, default=5,
+                   help="alternations of served decode and llama-bench tg128 (0: none)")
     p.add_argument("--needle-depth", type=float, default=0.5)
     p.add_argument("--needle-max", type=int, default=0, help="largest haystack in tokens (0: the slot)")
     p.add_argument("--request-timeout", type=float, default=300)
@@ -932,6 +971,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.rounds = max(1, min(args.rounds, 20))
     args.bench_repetitions = max(1, min(args.bench_repetitions, 10))
+    args.ceiling_pairs = max(0, min(args.ceiling_pairs, 20))
     args.parallel = [n for n in args.parallel if 1 <= n <= 64][:8] or [1]
     args.decode_tokens = max(8, min(args.decode_tokens, 4096))
     args.needle_depth = max(0.0, min(args.needle_depth, 1.0))

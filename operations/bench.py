@@ -42,7 +42,7 @@ def say(message: str) -> None:
 def helper_args(args: argparse.Namespace) -> list[str]:
     """bench_service.py options passed through from ours."""
     out = ["--decode-tokens", str(args.decode_tokens), "--rounds", str(args.rounds),
-           "--bench-repetitions", str(args.bench_repetitions),
+           "--bench-repetitions", str(args.bench_repetitions), "--ceiling-pairs", str(args.ceiling_pairs),
            "--time-budget", str(args.time_budget), "--parallel", *map(str, args.parallel)]
     if args.needle_max:
         out += ["--needle-max", str(args.needle_max)]
@@ -135,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--rounds", type=int, default=3, help="rounds per measurement (median)")
     p.add_argument("--bench-repetitions", type=int, default=3, help="llama-bench -r")
+    p.add_argument("--ceiling-pairs", type=int, default=5,
+                   help="served decode and llama-bench tg128 alternated this many times, so drift "
+                        "on a shared machine cancels out of their ratio (0: none)")
     p.add_argument("--needle-max", type=int, default=0,
                    help="largest needle haystack in tokens (default: the per-slot context)")
     p.add_argument("--time-budget", type=float, default=3600, help="seconds per service at most")

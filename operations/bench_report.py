@@ -116,10 +116,22 @@ def service_section(host: str, result: dict, plots: dict[str, str]) -> list[str]
         decode1 = next((lv["per_request_tok_s"] for lv in (result.get("decode") or {}).get("levels", [])
                         if lv["parallel"] == 1), None)
         ratio = decode1 / engine["tg128_tok_s"] if decode1 and engine.get("tg128_tok_s") else None
-        out += table(["K/V", "pp512 tok/s", "tg128 tok/s", "Served decode at 1 / tg128"],
+        paired = engine.get("paired") or {}
+        out += table(["K/V", "pp512 tok/s", "tg128 tok/s", "Decode at 1 / tg128 (separate steps)",
+                      "Served / tg128, alternated"],
                      [[f"{engine['k']}/{engine['v']}", engine.get("pp512_tok_s"),
-                       engine.get("tg128_tok_s"), fmt(ratio, 2)]])
+                       engine.get("tg128_tok_s"), fmt(ratio, 2),
+                       fmt(paired.get("served_over_tg128"), 3) if "pairs" in paired
+                       else "—"]])
         out += [f"`{' '.join(engine.get('argv', []))}`", ""]
+        if "pairs" in paired:
+            low, high = (f(p["ratio"] for p in paired["pairs"]) for f in (min, max))
+            out += [f"Served / tg128, alternated: median {paired['served_over_tg128']:.3f} "
+                    f"(range {low:.3f}-{high:.3f}) over {paired['method']}. Below 1 means "
+                    f"llama-bench is the ceiling; the separate-steps ratio also carries the "
+                    f"machine's drift between the two steps.", ""]
+        elif skipped(paired):
+            out += [f"Served / tg128, alternated: {skipped(paired)}", ""]
 
     out += ["### Thinking on vs off (short translation)", ""]
     thinking = result.get("thinking") or {}

@@ -30,10 +30,14 @@ BENCH_ARGS = ("--decode-tokens", "64", "--rounds", "2", "--bench-repetitions", "
 HEADINGS = ("## Fleet summary", "### Decode vs parallel requests", "### Latency and prompt processing",
             "### Engine ceiling (llama-bench)", "### Thinking on vs off", "### Long context (needle)",
             "### Start-up", "### K/V cache sweep (llama-bench)")
-# The served decode and llama-bench's tg128 do the same per-token work on a CPU (the server's
-# overhead is small beside it), so on a shared 2-core machine either can come out a few percent
-# ahead; the ceiling is checked with this much room for run-to-run noise.
-CEILING_NOISE = 0.90
+# Served decode over llama-bench tg128, alternated (the bench's --ceiling-pairs). The server does
+# the same per-token work plus sampling and HTTP, so the ratio sits just under 1: on this 2-core VM
+# 10 pairs gave a median of 0.991 (range 0.848-1.029) and three 5-pair runs 0.923, 0.953 and 1.022
+# (2026-11-24). The bound leaves room for that noise and still catches a mismatched engine run:
+# llama-bench on 1 thread beside a 2-thread server gave a median of 1.27.
+# (Across separate steps the ratio is no ceiling check: this VM drifts by +-15% over tens of
+# seconds, and served 81.0 vs tg128 66.7 tok/s came out once.)
+CEILING_NOISE = 1.10
 
 
 def matplotlib_installed() -> bool:
@@ -100,18 +104,14 @@ def test_decode_figures_are_positive_and_consistent(benched):
 
 
 def test_llama_bench_is_the_ceiling_of_the_served_decode(benched):
-    result = benched["result"]
-    engine = result["engine"]
+    engine = benched["result"]["engine"]
     assert engine["pp512_tok_s"] > 0 and engine["tg128_tok_s"] > 0
     assert engine["k"] == "q4_0" and engine["v"] == "q8_0" and "-fa" in engine["argv"]
-    decode1 = result["decode"]["levels"][0]["per_request_tok_s"]
-    if engine["tg128_tok_s"] < CEILING_NOISE * decode1:
-        # Seen once on a quiet 2-core machine (2026-11-24 04:10): served 81.0 tok/s, tg128 66.7.
-        # Open finding, not explained yet (thread counts of llama-bench vs the server?): the
-        # ceiling check of issue 7 does not hold reliably on this CPU; it stays visible here.
-        pytest.xfail(f"llama-bench tg128 {engine['tg128_tok_s']:.1f} < served decode {decode1:.1f} "
-                     f"tok/s on this CPU (open finding, issue 7)")
-    assert engine["tg128_tok_s"] >= CEILING_NOISE * decode1, (engine, decode1)
+    paired = engine["paired"]
+    assert len(paired["pairs"]) == 5, paired
+    assert all(p["served_tok_s"] > 0 and p["tg128_tok_s"] > 0 for p in paired["pairs"])
+    assert paired["served_over_tg128"] <= CEILING_NOISE, paired
+    assert f"alternated: median {paired['served_over_tg128']:.3f}" in benched["report"]
 
 
 def test_latency_prompt_and_startup_are_measured(benched):

@@ -98,6 +98,7 @@ KEY = "sk-unit-test-key-0123456789abcdef"
 class FakeLlamaServer(BaseHTTPRequestHandler):
     """/health, /props, /tokenize, /completion (plain and streamed) like llama-server's."""
     requests = 0
+    events: Path | None = None  # where each 128-token completion is logged, when set
 
     def log_message(self, *args):
         pass
@@ -139,6 +140,9 @@ class FakeLlamaServer(BaseHTTPRequestHandler):
         if asked:
             content = " " + re.search(re.escape(asked.group(1)) + r" is (\d+)\.", prompt).group(1) + "."
         time.sleep(0.002 * n)
+        if type(self).events and n == 128:
+            with type(self).events.open("a") as log:
+                log.write("served\n")
         timings = {"prompt_n": len(prompt.split()), "prompt_ms": 10.0, "prompt_per_second": 500.0,
                    "predicted_n": n, "predicted_ms": 2.0 * n, "predicted_per_second": 500.0}
         if body.get("stream"):
@@ -199,6 +203,47 @@ def test_helper_measures_a_service_and_never_prints_its_key(fake_service, tmp_pa
     # One progress line per step at least, each prefixed.
     for step in ("decode: 1 parallel", "ttft:", "prompt:", "engine: skipped", "thinking: skipped", "needle:"):
         assert f"bench: {step}" in run.stdout
+
+
+FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+with open(EVENTS, "a") as log:
+    log.write("bench\\n")
+rows = [{"n_prompt": 0, "n_gen": 128, "avg_ts": 400.0, "stddev_ts": 1.0, "backends": "CPU"}]
+if value("-p") != "0":
+    rows.insert(0, {"n_prompt": 512, "n_gen": 0, "avg_ts": 3000.0, "stddev_ts": 1.0, "backends": "CPU"})
+print(json.dumps(rows))
+"""
+
+
+def test_engine_alternates_served_decode_with_llama_bench(fake_service, tmp_path, monkeypatch):
+    """Drift on a shared machine cancels out of served/tg128 only when the two alternate."""
+    manifest, _ = fake_service
+    events = tmp_path / "events"
+    monkeypatch.setattr(FakeLlamaServer, "events", events)
+    bench = tmp_path / "build/bin/llama-bench"
+    bench.parent.mkdir(parents=True)
+    bench.write_text(FAKE_LLAMA_BENCH.replace("EVENTS", repr(str(events))))
+    bench.chmod(0o755)
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, str(HELPER), "--manifest", str(manifest), "--service", "svc",
+                          "--out", str(out), "--decode-tokens", "8", "--rounds", "1", "--needle-max", "64",
+                          "--ceiling-pairs", "3", "--time-budget", "60"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    engine = json.loads(out.read_text())["engine"]
+    assert engine["pp512_tok_s"] == 3000.0 and engine["tg128_tok_s"] == 400.0
+    paired = engine["paired"]
+    assert [(p["served_tok_s"], p["tg128_tok_s"]) for p in paired["pairs"]] == [(500.0, 400.0)] * 3
+    assert paired["served_over_tg128"] == 1.25  # a server faster than its engine shows, not hidden
+    # The engine step's own llama-bench, then served and llama-bench -p 0 turn about.
+    assert events.read_text().split() == ["bench"] + ["served", "bench"] * 3
+    assert "bench: engine: pair 3/3: served 500.0 tok/s, tg128 400.0 tok/s, ratio 1.250" in run.stdout
+    result = json.loads(out.read_text())
+    text = "\n".join(bench_report.service_section("h", result, {}))
+    assert "Served / tg128, alternated: median 1.250 (range 1.250-1.250)" in text
 
 
 def test_helper_refuses_a_service_that_is_not_in_the_manifest(fake_service, tmp_path):
@@ -378,6 +423,7 @@ def test_cli_passes_its_bounds_to_the_helper():
     assert "--kv-sweep" in passed and "--restart" not in passed and "900" in passed
     helper = bench_service.parse_args(["--service", "s", "--out", "o", *passed])
     assert helper.decode_tokens == 64 and helper.kv_sweep and helper.parallel == [1, 2, 4]
+    assert helper.ceiling_pairs == 5
 
 
 # -- the inventory -----------------------------------------------------------------------------
