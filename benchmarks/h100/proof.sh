@@ -293,6 +293,13 @@ print(f"bench service pid {svc.get('main_pid')} ({svc.get('pid_source')}); serve
 eng = res.get("engine") or {}
 print(f"llama-bench (from the bench): pp512 {eng.get('pp512_tok_s')} ± {eng.get('pp512_stddev')}, "
       f"tg128 {eng.get('tg128_tok_s')} ± {eng.get('tg128_stddev')} tok/s; argv {' '.join(eng.get('argv', []))}")
+paired = eng.get("paired") or {}
+if "pairs" in paired:
+    print(f"engine ceiling, served / tg128 alternated {len(paired['pairs'])} times: median "
+          f"{paired['served_over_tg128']:.3f}, pairs " + ", ".join(
+              f"{p['served_tok_s']:.1f}/{p['tg128_tok_s']:.1f}" for p in paired["pairs"]))
+else:
+    print(f"engine ceiling, alternated: {paired}")
 print(f"startup: {res.get('startup')}")
 print(f"errors: {res.get('errors')}")
 print()
