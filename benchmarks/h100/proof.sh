@@ -13,9 +13,12 @@
 #   proof.sh bench   carry the last model piece: wait for that build; the full deploy; the unit's
 #                    server; decode by hand, `python -m operations.bench` (issue 7), decode by hand
 #                    again, and the bench-vs-hand table (benchonly: the same on a deploy already there)
+#   proof.sh deploy  carry the last model piece: wait for that build; the full deploy
+#   proof.sh benchalt on a deploy already there: hand and bench blocks alternated (BLOCKS=3), so
+#                    the machine's drift cancels out of the bench-vs-hand table
 # Files land in $OUT (at most 8 a call); summary.txt has the figures.
 set -uo pipefail
-phase=${1:?usage: proof.sh setup|recv|serve|fa|bench|benchonly}
+phase=${1:?usage: proof.sh setup|recv|serve|fa|bench|deploy|benchonly|benchalt}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$repo/benchmarks/h100
 W=${LLMHOST_WORK:-/var/tmp/llmhost}
@@ -342,6 +345,78 @@ PY
   ls -la "$OUTDIR"
 }
 
+# The bench-vs-hand check with the machine's drift cancelled: hand, bench, hand, bench, ... hand
+# (BLOCKS bench blocks, each between two hand blocks), the same server throughout. Per level, the
+# medians over every bench round and every hand round are compared, and each bench block with the
+# mean of the hand blocks on either side. Block 1 is the full bench (its report and plots come
+# back); later blocks measure decode with the needle capped and no K/V sweep, to fit one call.
+bench_alternated() {
+  local L=$W/benchlogs B MODEL KEY UNIT ARGV PORT T=${TOKENS:-256} R=${ROUNDS:-20} N=${BLOCKS:-3} spid i
+  rm -rf "$L" && mkdir -p "$L"
+  MODEL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["services"][0]["model_path"])' "$CONF/llmhost.json")
+  PORT=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["services"][0]["port"])' "$CONF/llmhost.json")
+  KEY=$CONF/keys/main.key UNIT=$CONF/units/llama-main.service ARGV=$CONF/units/main.argv.json
+  say "bench alternated: $(date -u +%Y-%m-%dT%H:%M:%SZ); $(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null || echo no GPU); $N bench blocks, $R rounds of $T tokens each"
+  start_server "$L/server-unit.log" python3 "$here/unit_exec.py" "$UNIT" "$ARGV"
+  spid=$server_pid
+  hand() {
+    timeout 300 python3 "$here/decode_client.py" --port "$PORT" --parallel 1 2 4 --tokens "$T" \
+      --rounds "$R" --health-timeout 120 --api-key-file "$KEY" --reset-slots 4 > "$L/hand-$1.json" \
+      && say "hand $1 done $(date -u +%T)" || say "hand $1 FAILED"
+  }
+  hand 0
+  for i in $(seq 1 "$N"); do
+    local extra=(--kv-sweep)
+    [ "$i" -gt 1 ] && extra=(--needle-max 2048 --ceiling-pairs 0)
+    local cmd=(python3 -m operations.bench "$INV" --out "$L/bench-$i" --decode-tokens "$T" --rounds "$R"
+               --parallel 1 2 4 --time-budget "${BUDGET:-600}" "${extra[@]}")
+    say "bench $i: (cd $W/repo && ${cmd[*]})"
+    (cd "$W/repo" && timeout 600 "${cmd[@]}") >> "$OUTDIR/bench.log" 2>&1
+    say "bench $i exit $? $(date -u +%T)"
+    hand "$i"
+  done
+  kill -0 "$spid" 2>/dev/null && say "server pid $spid up throughout (never restarted)" || say "server pid $spid GONE"
+  stop_server
+  python3 - "$L" "$N" <<'PY' | tee -a "$summary"
+import json, statistics, sys
+from pathlib import Path
+L, N = Path(sys.argv[1]), int(sys.argv[2])
+bench = [json.load(open(L / f"bench-{i}/@local.json"))["services"][0] for i in range(1, N + 1)]
+hand = [json.load(open(L / f"hand-{i}.json")) for i in range(N + 1)]
+print("per request = timings.predicted_per_second of a request, median in a round; aggregate = tokens / "
+      "span of the decode intervals; bench and hand pooled = median over every round of every block")
+print()
+print("| parallel | measure | bench pooled | hand pooled | bench / hand | each bench block / mean of its two hand blocks |")
+print("|---|---|---|---|---|---|")
+worst = 0.0
+for n in (1, 2, 4):
+    for label, bfield, hfield in (("per request", "per_request_tok_s", "all_per_request_tok_s"),
+                                  ("aggregate", "aggregate_tok_s", "all_span_tok_s")):
+        b_rounds = [r[bfield] for res in bench for lv in res["decode"]["levels"] if lv["parallel"] == n
+                    for r in lv["rounds"]]
+        h_rounds = [v for h in hand for v in h[str(n)][hfield]]
+        bp, hp = statistics.median(b_rounds), statistics.median(h_rounds)
+        worst = max(worst, abs(bp / hp - 1))
+        blocks = []
+        for i, res in enumerate(bench):
+            lv = next(lv for lv in res["decode"]["levels"] if lv["parallel"] == n)
+            around = (statistics.median(hand[i][str(n)][hfield]) + statistics.median(hand[i + 1][str(n)][hfield])) / 2
+            blocks.append(f"{lv[bfield] / around:.3f}")
+        print(f"| {n} | {label} | {bp:.1f} | {hp:.1f} | {bp / hp:.3f} | {' / '.join(blocks)} |")
+print()
+print(f"largest pooled bench / hand deviation: {worst:.1%} (target within 5%)")
+hands1 = [statistics.median(h["1"]["all_per_request_tok_s"]) for h in hand]
+print(f"hand blocks, 1 request, median per block: {', '.join(f'{v:.1f}' for v in hands1)} (drift)")
+paired = (bench[0].get("engine") or {}).get("paired") or {}
+if "pairs" in paired:
+    print(f"engine ceiling (block 1), served / tg128 alternated {len(paired['pairs'])} times: median "
+          f"{paired['served_over_tg128']:.3f}")
+PY
+  cp "$L/bench-1/@local.json" "$OUTDIR/local.json" 2>/dev/null
+  for f in report.md throughput.png context.png; do cp "$L/bench-1/$f" "$OUTDIR/$f" 2>/dev/null || say "no $f"; done
+  tar -C "$L" -czf "$OUTDIR/logs.tar.gz" . 2>/dev/null
+}
+
 phase_bench() {
   bash "$here/receive.sh" || exit 1
   wait_build "${BUILD_WAIT:-420}"
@@ -357,7 +432,11 @@ case $phase in
   serve) phase_serve ;;
   fa) phase_fa ;;
   bench) phase_bench ;;                 # issue 7: the deploy, then the bench and the hand decode
+  deploy) bash "$here/receive.sh" || exit 1; wait_build "${BUILD_WAIT:-420}"; snapshot
+          deploy "$OUTDIR/deploy.log" "2 (full)" || { tail -40 "$OUTDIR/deploy.log"; exit 1; }
+          tail -3 "$OUTDIR/deploy.log" ;;  # the deploy alone, for benchalt in the next call
   benchonly) snapshot; bench_run ;;     # the same on a deploy already there
+  benchalt) snapshot; bench_alternated ;;  # hand and bench blocks alternated, on a deploy already there
   lib) ;;  # sourced by a test: functions only
-  *) echo "usage: proof.sh setup|recv|serve|fa|bench|benchonly" >&2; exit 2 ;;
+  *) echo "usage: proof.sh setup|recv|serve|fa|bench|deploy|benchonly|benchalt" >&2; exit 2 ;;
 esac
