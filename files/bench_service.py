@@ -723,7 +723,7 @@ class Bench:
         """Served decode at 1 request vs llama-bench tg128, alternated back to back.
 
         On a shared machine the throughput drifts by more than the server's overhead over the tens
-        of seconds between the decode and engine steps (a 2-core VM: 55-76 tok/s served and 67-81
+        of seconds between the decode and engine steps (a 2-core VM: 54-77 tok/s served and 64-81
         tok/s tg128 across runs, same binary and flags). Alternating one of each cancels the drift,
         so the ratio says whether the engine really is the served decode's ceiling."""
         svc = self.result["service"]
