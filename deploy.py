@@ -14,6 +14,7 @@ from pyinfra import host, state
 from pyinfra.operations import files
 
 from operations import base, cuda, gpu, llamacpp, preflight, services, timing, weights
+from operations.facts import JsonFile
 
 logger = logging.getLogger("llmhost")
 
@@ -50,6 +51,12 @@ def converge() -> None:
         for spec in models[service.name].files:
             weights.model_file(spec, service.model, settings.download_connections)
 
+    manifest_file = f"{settings.config_dir}/{services.MANIFEST_NAME}"
+    removed = services.removed_services(settings, host.get_fact(JsonFile, path=manifest_file))
+    if removed:
+        logger.warning(f"[{host.name}] no longer in llm_services: "
+                       f"{', '.join(s['name'] for s in removed)}; their units are retired once the "
+                       f"services that take their ports are healthy (keys, models and builds stay)")
     for service in settings.services:
         key_changed = None
         path = services.key_path(settings, service)
@@ -65,12 +72,15 @@ def converge() -> None:
         services.health_gated_unit(
             name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
             argv_options=services.argv_options(settings, service, build, models[service.name]),
-            timeout=settings.health_timeout, restart_if=key_changed)
+            timeout=settings.health_timeout, restart_if=key_changed,
+            replaces=services.handed_over(service, removed))
+    if removed:
+        services.retired_units(name="Retire removed services", units=[s["unit"] for s in removed])
 
     # Last, so it only describes a host whose every step above succeeded.
     manifest = services.host_manifest(settings, build, models)
     files.put(name="Manifest for tests/host", src=StringIO(json.dumps(manifest, indent=1) + "\n"),
-              dest=f"{settings.config_dir}/{services.MANIFEST_NAME}", mode="644")
+              dest=manifest_file, mode="644")
 
 
 converge()

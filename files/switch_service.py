@@ -2,12 +2,20 @@
 """Switch one llama-server unit to new contents behind a health gate, or roll it back.
 
 Runs on the target host as root (python3 stdlib only). Reads a JSON request on stdin:
-{"unit": "llama-x.service", "text": "<unit file>", "health_url": "...", "timeout": 300}.
+{"unit": "llama-x.service", "text": "<unit file>", "health_url": "...", "timeout": 300,
+ "replaces": [{"unit": "llama-old.service", "health_url": "..."}]}
+or, to retire units of services the settings no longer name: {"retire": ["llama-old.service"]}.
 
 The previous unit (which names the previous build and model paths, both kept on disk) is saved
 first; if the new one is not healthy in time it is put back, restarted and checked, and this
 exits non-zero with the journal tail. A unit that had no predecessor is stopped and disabled,
 so a failed first deploy leaves nothing crash-looping. User drop-ins (<unit>.d/) are untouched.
+
+"replaces" are units of removed services on the new unit's port (a renamed service): they are
+stopped just before the new unit starts, retired once it is healthy, and started again when it
+is not, so the port is never left without the service that held it. Retiring stops and
+disables a unit and moves its file to /var/lib/llmhost/units/retired/ (keys, builds, models and
+drop-ins stay).
 """
 
 from __future__ import annotations
@@ -91,9 +99,41 @@ def restart(unit: str) -> None:
     systemctl("restart", unit)
 
 
+def retire(unit: str) -> None:
+    """Stop and disable ``unit`` and move its file aside; nothing to do when it is gone already
+    (decided here, at execution, since an earlier switch of this run may have retired it)."""
+    live = os.path.join(UNIT_DIR, unit)
+    loaded = systemctl("show", "-p", "LoadState", "--value", unit, check=False).stdout.strip()
+    if not os.path.exists(live) and loaded != "loaded":
+        log(f"{unit}: already retired")
+        return
+    systemctl("disable", "--now", unit, check=False)
+    if os.path.exists(live):
+        retired_dir = os.path.join(STATE_DIR, "retired")
+        os.makedirs(retired_dir, exist_ok=True)
+        shutil.move(live, os.path.join(retired_dir, unit))
+    systemctl("daemon-reload")
+    systemctl("reset-failed", unit, check=False)
+    log(f"{unit}: retired (stopped, disabled, unit file moved to {STATE_DIR}/retired)")
+
+
+def give_back(replaced: list[dict], timeout: float) -> None:
+    """Start the units this switch stopped for their port again, and say whether they answer."""
+    for old in replaced:
+        systemctl("start", old["unit"], check=False)
+        ok, waited = wait_healthy(old["unit"], old["health_url"], timeout)
+        state = "healthy" if ok else "NOT healthy"
+        log(f"{old['unit']}: started again on its port, {state} after {waited:.1f}s")
+
+
 def main() -> int:
     request = json.load(sys.stdin)
+    if "retire" in request:
+        for unit in request["retire"]:
+            retire(unit)
+        return 0
     unit, text, url, timeout = request["unit"], request["text"], request["health_url"], request["timeout"]
+    replaced = request.get("replaces", [])
     live = os.path.join(UNIT_DIR, unit)
     os.makedirs(STATE_DIR, exist_ok=True)
     previous = os.path.join(STATE_DIR, unit + ".previous")
@@ -114,11 +154,16 @@ def main() -> int:
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     write_atomic(live, text)
     log(f"{unit}: unit written, restarting")
+    for old in replaced:
+        log(f"{old['unit']}: stopped, {unit} takes over its port")
+        systemctl("stop", old["unit"], check=False)
     restart(unit)
     ok, waited = wait_healthy(unit, url, timeout)
     if ok:
         os.unlink(switching)
         log(f"{unit}: healthy after {waited:.1f}s")
+        for old in replaced:
+            retire(old["unit"])
         return 0
 
     evidence = journal_tail(unit, started_at)
@@ -130,10 +175,12 @@ def main() -> int:
         os.unlink(switching)
         state = "healthy" if ok else "NOT healthy either"
         log(f"{unit}: ROLLED BACK to the previous unit, which is {state} after {waited:.1f}s")
+        give_back(replaced, timeout)
         return 3
     os.unlink(switching)
     if old_text is not None:
         log(f"{unit}: the unit did not change, so there is no other unit to return to")
+        give_back(replaced, timeout)
         return 5
     systemctl("disable", "--now", unit, check=False)
     failed_dir = os.path.join(STATE_DIR, "failed")
@@ -142,6 +189,7 @@ def main() -> int:
     systemctl("daemon-reload")
     log(f"{unit}: no previous unit to roll back to; stopped and disabled, the failed unit is "
         f"kept in {failed_dir}")
+    give_back(replaced, timeout)
     return 4
 
 

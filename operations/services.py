@@ -79,9 +79,33 @@ def generated_key(path: str, group: str):
     yield f"chown root:{shlex.quote(group)} {q} && chmod {KEY_MODE} {q}"
 
 
+def removed_services(settings: HostSettings, previous_manifest: dict | None) -> list[dict]:
+    """Services the last deploy's manifest lists and the settings no longer name: only units
+    this tool installed are ever retired."""
+    wanted = {service.name for service in settings.services}
+    return [s for s in (previous_manifest or {}).get("services", []) if s.get("name") not in wanted]
+
+
+def handed_over(service: ServiceSpec, removed: list[dict]) -> list[dict]:
+    """The removed services whose port ``service`` takes (a renamed service)."""
+    return [{"unit": s["unit"], "health_url": s["health_url"]} for s in removed if s.get("port") == service.port]
+
+
+@operation()
+def retired_units(units: list[str]):
+    """Stop, disable and set aside the units of removed services (see removed_services)."""
+    present = [unit for unit in units if any(host.get_fact(UnitState, unit=unit).values())]
+    if not present:
+        host.noop(f"{', '.join(units)} already retired")
+        return
+    yield remote.streamed(remote.helper_command("switch_service.py"), f"retire of {', '.join(present)}",
+                          stdin=json.dumps({"retire": present}))
+
+
 @operation()
 def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[str],
-                      timeout: int, restart_if: Callable[[], bool] | None = None):
+                      timeout: int, restart_if: Callable[[], bool] | None = None,
+                      replaces: list[dict] | None = None):
     """Install the unit and restart behind /health; roll back to the previous unit on failure.
 
     Before anything changes, every option of the new argv must be one the built binary's
@@ -104,7 +128,8 @@ def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[s
             f"(check extra_args and llm_llamacpp_commit). The running service was not changed.")
         return
     request = json.dumps({"unit": service.unit_name, "text": unit_text,
-                          "health_url": service.health_url, "timeout": timeout})
+                          "health_url": service.health_url, "timeout": timeout,
+                          "replaces": replaces or []})
     yield remote.streamed(remote.helper_command("switch_service.py"),
                           f"switch of {service.unit_name}", stdin=request)
 

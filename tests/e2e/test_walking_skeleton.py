@@ -42,12 +42,12 @@ def site(tmp_path_factory):
                      sha256={cache.MODEL_NAME: cache.MODEL_SHA256})
         ports = {"translate": sandbox.free_port(), "chat": sandbox.free_port()}
 
-        def inventory(name="inventory.py", **service_overrides):
+        def inventory(name="inventory.py", rename=None, drop=(), **service_overrides):
             hf_model = {"source": "hf", "repo": REPO_ID, "file": cache.MODEL_NAME}
             services = {
-                name_: deployment.service_settings(
+                (rename or {}).get(name_, name_): deployment.service_settings(
                     port, model, **{"model": hf_model, **service_overrides.get(name_, {})})
-                for name_, port in ports.items()
+                for name_, port in ports.items() if name_ not in drop
             }
             return deployment.write_inventory(workdir / name, {
                 "skeleton": (host, {"llm_llamacpp_git_url": git_url, "llm_services": services})})
@@ -275,3 +275,75 @@ def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
     assert exposure(offline) <= 2.5, offline[-1500:]
     converged["exposure"] = {"cpu": exposure(running), "gpu": exposure(offline)}
     print(f"systemd-analyze security: CPU unit {exposure(running)}, GPU unit (offline) {exposure(offline)}")
+
+
+def unit_states(host, *units: str) -> dict[str, str]:
+    return {unit: ssh(host, f"systemctl is-active {unit}", check=False).stdout.strip() for unit in units}
+
+
+def test_renamed_service_that_fails_gives_its_port_back_to_the_old_one(converged, tmp_path):
+    """A rename stops the old unit for its port; when the new one is not healthy the old one
+    starts again, so the port keeps its service."""
+    host, port = converged["host"], converged["ports"]["translate"]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 4096)
+    inventory = converged["inventory"]("rename-broken.py", rename={"translate": "translator"},
+                                       translate={"model": {"source": "local", "path": str(broken)}})
+    result = run_deploy(inventory, env=converged["env"], timeout=900)
+    assert result.returncode != 0
+    assert "no longer in llm_services: translate;" in result.output, result.output[-4000:]
+    assert "llama-translate.service: stopped, llama-translator.service takes over its port" in result.output
+    assert "llama-translate.service: started again on its port, healthy" in result.output, result.output[-4000:]
+    assert unit_states(host, "llama-translate", "llama-translator") == {
+        "llama-translate": "active", "llama-translator": "inactive"}
+    assert ssh(host, "test -f /etc/systemd/system/llama-translate.service && echo kept").stdout.strip() == "kept"
+    assert completion(host, port, "/etc/llama/keys/translate.key")["content"]
+    manifest = json.loads(ssh(host, "cat /etc/llama/llmhost.json").stdout)
+    assert sorted(s["name"] for s in manifest["services"]) == ["chat", "translate"]  # the last good deploy's
+
+
+def test_renamed_service_takes_over_the_port_and_the_old_unit_retires(converged):
+    host, port = converged["host"], converged["ports"]["translate"]
+    inventory = converged["inventory"]("renamed.py", rename={"translate": "translator"})
+    poller = HealthPoller(port)
+    poller.start()
+    result = run_deploy(inventory, env=converged["env"], timeout=900)
+    time.sleep(1)
+    poller.stop()
+    assert result.returncode == 0, result.output[-4000:]
+    # The switch retired the old unit; the retire step after it found nothing left to do.
+    assert result.changed_operations == ["Service llama-translator.service", "Manifest for tests/host"]
+    assert "llama-translate.service: retired" in result.output, result.output[-4000:]
+    assert unit_states(host, "llama-translate", "llama-translator", "llama-chat") == {
+        "llama-translate": "inactive", "llama-translator": "active", "llama-chat": "active"}
+    assert ssh(host, "systemctl is-enabled llama-translate", check=False).stdout.strip() != "enabled"
+    assert ssh(host, "ls /etc/systemd/system/llama-translate.service "
+                     "/var/lib/llmhost/units/retired/llama-translate.service", check=False).stdout.strip() \
+        == "/var/lib/llmhost/units/retired/llama-translate.service"
+    # What stays: the old key, the user's drop-in (an earlier test wrote it).
+    assert ssh(host, "test -s /etc/llama/keys/translate.key && test -f "
+                     "/etc/systemd/system/llama-translate.service.d/local.conf && echo kept").stdout.strip() == "kept"
+    assert completion(host, port, "/etc/llama/keys/translator.key")["content"]
+    windows = poller.outages()  # the handover: the old unit stops, the new one starts
+    assert len(windows) == 1 and windows[0][1] < 60, windows
+    manifest = json.loads(ssh(host, "cat /etc/llama/llmhost.json").stdout)
+    assert sorted(s["name"] for s in manifest["services"]) == ["chat", "translator"]
+    rerun = run_deploy(inventory, env=converged["env"])
+    assert rerun.returncode == 0 and rerun.changed_operations == [], rerun.changed_operations
+
+
+def test_removed_service_is_retired_and_the_others_keep_serving(converged):
+    host = converged["host"]
+    translator_pid = ssh(host, "systemctl show -p MainPID --value llama-translator").stdout.strip()
+    inventory = converged["inventory"]("dropped.py", rename={"translate": "translator"}, drop=("chat",))
+    result = run_deploy(inventory, env=converged["env"])
+    assert result.returncode == 0, result.output[-4000:]
+    assert result.changed_operations == ["Retire removed services", "Manifest for tests/host"]
+    assert "llama-chat.service: retired" in result.output
+    assert unit_states(host, "llama-chat", "llama-translator") == {
+        "llama-chat": "inactive", "llama-translator": "active"}
+    assert ssh(host, "systemctl show -p MainPID --value llama-translator").stdout.strip() == translator_pid
+    assert ssh(host, "test -f /var/lib/llmhost/units/retired/llama-chat.service && echo moved").stdout.strip() == "moved"
+    rerun = run_deploy(inventory, env=converged["env"])
+    assert rerun.returncode == 0 and rerun.changed_operations == [], rerun.changed_operations
+

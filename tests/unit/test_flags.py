@@ -143,3 +143,22 @@ def test_gpu_pinning_sets_cuda_visible_devices():
         "gpus": [1]}}})
     unit = render_unit(settings, settings.services[0], plan_build(settings), placed("/m.gguf"))
     assert "Environment=CUDA_VISIBLE_DEVICES=1" in unit
+
+
+def test_only_services_the_last_manifest_lists_and_the_settings_dropped_are_retired():
+    from operations.services import handed_over, removed_services
+
+    settings = guide_settings()  # services main (18082) and translate (18083)
+    assert removed_services(settings, None) == []  # a fresh host: nothing of ours to retire
+    previous = {"services": [
+        {"name": "main", "unit": "llama-main.service", "port": 18082, "health_url": "http://127.0.0.1:18082/health"},
+        {"name": "translator", "unit": "llama-translator.service", "port": 18083,
+         "health_url": "http://127.0.0.1:18083/health"},
+        {"name": "old", "unit": "llama-old.service", "port": 9999, "health_url": "http://127.0.0.1:9999/health"}]}
+    removed = removed_services(settings, previous)
+    assert [s["name"] for s in removed] == ["translator", "old"]
+    by_name = {s.name: s for s in settings.services}
+    # translate takes the port of translator (a rename): the switch hands it over.
+    assert handed_over(by_name["translate"], removed) == [
+        {"unit": "llama-translator.service", "health_url": "http://127.0.0.1:18083/health"}]
+    assert handed_over(by_name["main"], removed) == []
