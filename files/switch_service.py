@@ -148,7 +148,9 @@ def main() -> int:
     switching = os.path.join(STATE_DIR, unit + ".switching")
     interrupted = os.path.exists(switching) and os.path.exists(previous)
     can_roll_back = (old_text is not None and old_text != text) or interrupted
-    if old_text is not None and old_text != text:
+    # After an interrupted switch the live unit never passed the health gate: the saved
+    # previous one stays the unit to return to.
+    if old_text is not None and old_text != text and not interrupted:
         write_atomic(previous, old_text)
     write_atomic(switching, "")
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -5,7 +5,9 @@
 - the deploy (the pyinfra process, SIGKILL) killed mid-download, mid-build and mid-unit-switch,
   then rerun to convergence (and a zero-change run after it), with the old service answering
   /health throughout, polled from the controller (the sandbox shares 127.0.0.1): the only
-  outage allowed is the restart of the switch itself.
+  outage allowed is the restart of the switch itself;
+- the switch helper killed on the host mid-switch, then a switch that fails: the rollback returns
+  to the unit that last passed the health gate.
 
 Each later test starts from the state the one before left (one host for the module).
 """
@@ -254,3 +256,31 @@ def test_deploy_killed_mid_unit_switch_then_converges(site):
     assert re.search(r"(-np|--parallel) 4\b", args), args
     suite = host_suite(host)
     assert suite.returncode == 0, suite.stdout[-5000:]
+
+
+def test_failed_switch_after_an_interrupted_one_returns_to_the_last_healthy_unit(site):
+    """A switch helper killed on the host after it restarted the new unit (a reboot, the OOM
+    killer) leaves that unit live without its health gate passed, and its `.switching` marker.
+    When the next switch fails, the rollback must return to the unit that last passed the gate.
+
+    A killed pyinfra does not make this state (the helper on the host runs on and finishes), and
+    killing the helper by hand races the server's ~1.5 s start, so the test leaves on the host
+    exactly what the helper has written at that point: the saved previous unit, the marker, and
+    the new unit written and restarted."""
+    host, units = site["host"], "/var/lib/llmhost/units"
+    healthy_unit = ssh(host, f"cat /etc/systemd/system/{UNIT}").stdout
+    assert "--parallel 4 " in healthy_unit  # what the tests before left
+    ssh(host, f"cp /etc/systemd/system/{UNIT} {units}/{UNIT}.previous && touch {units}/{UNIT}.switching "
+              f"&& sed -i 's/--parallel 4 /--parallel 1 /' /etc/systemd/system/{UNIT} "
+              f"&& systemctl daemon-reload && systemctl restart {UNIT}")
+    # --lora is a flag the binary lists (so the unit is written), and a missing adapter stops
+    # the server while it starts: the new unit cannot become healthy.
+    failing = run_deploy(site["inventory"]("failing.py", extra_args=["--lora", "/nonexistent/adapter.gguf"]),
+                         env=site["env"], timeout=900)
+    assert failing.returncode != 0
+    assert "ROLLED BACK to the previous unit, which is healthy" in failing.output, failing.output[-4000:]
+    assert ssh(host, f"cat /etc/systemd/system/{UNIT}").stdout == healthy_unit
+    assert ssh(host, f"test -e {units}/{UNIT}.switching || echo none").stdout.strip() == "none"
+    back = run_deploy(site["inventory"]("back.py", extra_args=[]), env=site["env"])
+    assert back.returncode == 0 and back.changed_operations == [], back.changed_operations
+    assert host_suite(host).returncode == 0
