@@ -14,8 +14,8 @@ so a failed first deploy leaves nothing crash-looping. User drop-ins (<unit>.d/)
 "replaces" are units of removed services on the new unit's port (a renamed service): they are
 stopped just before the new unit starts, retired once it is healthy, and started again when it
 is not, so the port is never left without the service that held it. Retiring stops and
-disables a unit and moves its file to /var/lib/llmhost/units/retired/ (keys, builds, models and
-drop-ins stay).
+disables a unit and moves its file and rollback state to /var/lib/llmhost/units/retired/
+(keys, builds, models and drop-ins stay).
 """
 
 from __future__ import annotations
@@ -108,10 +108,14 @@ def retire(unit: str) -> None:
         log(f"{unit}: already retired")
         return
     systemctl("disable", "--now", unit, check=False)
+    retired_dir = os.path.join(STATE_DIR, "retired")
+    os.makedirs(retired_dir, exist_ok=True)
     if os.path.exists(live):
-        retired_dir = os.path.join(STATE_DIR, "retired")
-        os.makedirs(retired_dir, exist_ok=True)
         shutil.move(live, os.path.join(retired_dir, unit))
+    # Its rollback state goes too: a service of this name added later starts afresh.
+    for name in (unit + ".previous", unit + ".switching"):
+        if os.path.exists(os.path.join(STATE_DIR, name)):
+            shutil.move(os.path.join(STATE_DIR, name), os.path.join(retired_dir, name))
     systemctl("daemon-reload")
     systemctl("reset-failed", unit, check=False)
     log(f"{unit}: retired (stopped, disabled, unit file moved to {STATE_DIR}/retired)")

@@ -320,6 +320,10 @@ def test_renamed_service_takes_over_the_port_and_the_old_unit_retires(converged)
     assert ssh(host, "ls /etc/systemd/system/llama-translate.service "
                      "/var/lib/llmhost/units/retired/llama-translate.service", check=False).stdout.strip() \
         == "/var/lib/llmhost/units/retired/llama-translate.service"
+    # Its rollback target went with it (an earlier test's switch saved one).
+    assert ssh(host, "ls /var/lib/llmhost/units/llama-translate.service.previous "
+                     "/var/lib/llmhost/units/retired/llama-translate.service.previous", check=False).stdout.strip() \
+        == "/var/lib/llmhost/units/retired/llama-translate.service.previous"
     # What stays: the old key, the user's drop-in (an earlier test wrote it).
     assert ssh(host, "test -s /etc/llama/keys/translate.key && test -f "
                      "/etc/systemd/system/llama-translate.service.d/local.conf && echo kept").stdout.strip() == "kept"
