@@ -55,8 +55,9 @@ def converge() -> None:
     removed = services.removed_services(settings, host.get_fact(JsonFile, path=manifest_file))
     if removed:
         logger.warning(f"[{host.name}] no longer in llm_services: "
-                       f"{', '.join(s['name'] for s in removed)}; their units are retired once the "
-                       f"services that take their ports are healthy (keys, models and builds stay)")
+                       f"{', '.join(s['name'] for s in removed)}; their units are retired, one whose "
+                       f"port a new service takes once that one is healthy (keys, models and "
+                       f"builds stay)")
     for service in settings.services:
         key_changed = None
         path = services.key_path(settings, service)
