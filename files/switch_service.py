@@ -3,12 +3,15 @@
 
 Runs on the target host as root (python3 stdlib only). Reads a JSON request on stdin:
 {"unit": "llama-x.service", "text": "<unit file>", "health_url": "...", "timeout": 300,
+ "gpu": {"gpus": [0]},   (GPU services only; "gpus": null for any GPU)
  "replaces": [{"unit": "llama-old.service", "health_url": "..."}]}
 or, to retire units of services the settings no longer name: {"retire": ["llama-old.service"]}.
 
 The previous unit (which names the previous build and model paths, both kept on disk) is saved
 first; if the new one is not healthy in time it is put back, restarted and checked, and this
-exits non-zero with the journal tail. A unit that had no predecessor is stopped and disabled,
+exits non-zero with the journal tail. A GPU service is healthy only when /health answers AND
+its process is on its GPUs (gpu_check.py): llama-server that found no GPU serves from the CPU
+with /health 200, which would otherwise pass. A unit that had no predecessor is stopped and disabled,
 so a failed first deploy leaves nothing crash-looping. User drop-ins (<unit>.d/) are untouched.
 
 "replaces" are units of removed services on the new unit's port (a renamed service): they are
@@ -28,6 +31,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+import gpu_check  # beside this file in the helper folder
 
 UNIT_DIR = "/etc/systemd/system"
 STATE_DIR = "/var/lib/llmhost/units"
@@ -87,6 +92,31 @@ def wait_healthy(unit: str, url: str, timeout: float) -> tuple[bool, float]:
     return False, time.monotonic() - started
 
 
+def on_its_gpus(unit: str, gpu: dict | None) -> tuple[bool, str]:
+    """For a GPU service: whether its process holds its GPUs, and the reason. /health answers
+    only once the model is loaded (on the GPU when there is one), so a few tries suffice."""
+    if gpu is None:
+        return True, ""
+    for attempt in range(5):
+        if attempt:
+            time.sleep(1)
+        result = gpu_check.decide(gpu_check.read_evidence(unit), gpu.get("gpus"))
+        if result["ok"]:
+            break
+    return result["ok"], result["reason"]
+
+
+def serving(unit: str, url: str, timeout: float, gpu: dict | None) -> tuple[bool, str]:
+    """(healthy, what to say): /health 200 in time and, for a GPU service, on its GPUs."""
+    ok, waited = wait_healthy(unit, url, timeout)
+    if not ok:
+        return False, f"not healthy after {waited:.0f}s (timeout {timeout}s)"
+    on_gpu, why = on_its_gpus(unit, gpu)
+    if not on_gpu:
+        return False, f"answers /health after {waited:.1f}s but {why}"
+    return True, f"healthy after {waited:.1f}s" + (f", {why}" if why else "")
+
+
 def journal_tail(unit: str, since: str, lines: int = 30) -> str:
     result = subprocess.run(["journalctl", "-u", unit, "--since", since, "-n", str(lines),
                              "--no-pager", "-o", "cat"], capture_output=True, text=True)
@@ -137,6 +167,7 @@ def main() -> int:
             retire(unit)
         return 0
     unit, text, url, timeout = request["unit"], request["text"], request["health_url"], request["timeout"]
+    gpu = request.get("gpu")
     replaced = request.get("replaces", [])
     live = os.path.join(UNIT_DIR, unit)
     os.makedirs(STATE_DIR, exist_ok=True)
@@ -164,23 +195,23 @@ def main() -> int:
         log(f"{old['unit']}: stopped, {unit} takes over its port")
         systemctl("stop", old["unit"], check=False)
     restart(unit)
-    ok, waited = wait_healthy(unit, url, timeout)
+    ok, verdict = serving(unit, url, timeout, gpu)
     if ok:
         os.unlink(switching)
-        log(f"{unit}: healthy after {waited:.1f}s")
+        log(f"{unit}: {verdict}")
         for old in replaced:
             retire(old["unit"])
         return 0
 
     evidence = journal_tail(unit, started_at)
-    log(f"{unit}: not healthy after {waited:.0f}s (timeout {timeout}s); journal:\n{evidence}")
+    log(f"{unit}: {verdict}; journal:\n{evidence}")
     if can_roll_back:
         shutil.copyfile(previous, live)
         restart(unit)
-        ok, waited = wait_healthy(unit, url, timeout)
+        ok, verdict = serving(unit, url, timeout, gpu)
         os.unlink(switching)
-        state = "healthy" if ok else "NOT healthy either"
-        log(f"{unit}: ROLLED BACK to the previous unit, which is {state} after {waited:.1f}s")
+        state = verdict if ok else f"NOT healthy either: {verdict}"
+        log(f"{unit}: ROLLED BACK to the previous unit, which is {state}")
         give_back(replaced, timeout)
         return 3
     os.unlink(switching)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from io import StringIO
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server
 
-from operations.remote import HELPER_DIR
-from operations.settings import HostSettings
+from llmhost import data_dir
+from llmhost.remote import HELPER_DIR
+from llmhost.settings import HostSettings
 
-FILES = Path(__file__).resolve().parent.parent / "files"
+FILES = data_dir("files")
 
 # What building and running llama.cpp on the CPU needs on Debian and Ubuntu.
 BUILD_PACKAGES = ("git", "cmake", "ninja-build", "g++", "ccache", "python3", "ca-certificates",
@@ -52,5 +52,7 @@ def directories(settings: HostSettings) -> None:
 
 def helpers() -> None:
     for script in sorted(FILES.glob("*.py")):
+        if script.name == "__init__.py":
+            continue
         files.put(name=f"Helper {script.name}", src=str(script), dest=f"{HELPER_DIR}/{script.name}",
                   mode="755")

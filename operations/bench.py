@@ -1,6 +1,6 @@
 """Acceptance bench over the deploy's inventory: is every service as fast as the guide says?
 
-    python -m operations.bench inventory.py [--limit HOST] [--service NAME] [--out DIR]
+    python -m llmhost.bench inventory.py [--limit HOST] [--service NAME] [--out DIR]
                                             [--restart] [--kv-sweep]
 
 For each host (the same inventory and group_data/ the deploy used) and each deployed service,
@@ -26,13 +26,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from operations import bench_reference, bench_report
-from operations.inventory import InventoryError, InventoryHost, enable_output, load_inventory
-from operations.services import MANIFEST_NAME
-from operations.settings import load_host_settings
+from llmhost import bench_reference, bench_report, data_dir
+from llmhost.inventory import InventoryError, InventoryHost, enable_output, load_inventory
+from llmhost.services import MANIFEST_NAME
+from llmhost.settings import load_host_settings
 
-REPO = Path(__file__).resolve().parent.parent
-HELPER = REPO / "files" / "bench_service.py"
+HELPER = data_dir("files") / "bench_service.py"
 
 
 def say(message: str) -> None:
@@ -120,7 +119,7 @@ def write_outputs(fleet: dict, out_dir: Path, command: str, started: str) -> Pat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m operations.bench",
+    p = argparse.ArgumentParser(prog="python -m llmhost.bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("inventory", help="the pyinfra inventory the deploy used (e.g. inventory.py)")
     p.add_argument("--limit", action="append", default=[],
@@ -149,10 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     enable_output()
-    command = "python -m operations.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    command = "python -m llmhost.bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     started_at = datetime.now(timezone.utc)
     started = started_at.isoformat(timespec="seconds")
-    out_dir = args.out or REPO / "benchmarks" / "results" / started_at.strftime("%Y%m%dT%H%M%SZ")
+    out_dir = args.out or Path("benchmarks") / "results" / started_at.strftime("%Y%m%dT%H%M%SZ")
     limit = [part for item in args.limit for part in item.split(",") if part]
     try:
         hosts = load_inventory(args.inventory, limit or None)

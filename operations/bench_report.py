@@ -2,14 +2,14 @@
 
 Plots need matplotlib, an optional extra (`pip install 'llmhost[bench]'`); without it the report
 says the plots were skipped and why. Input: {host name: {"services": [result, ...], "error": ...}}
-as operations.bench collects them.
+as llmhost.bench collects them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from operations import bench_reference as ref
+from llmhost import bench_reference as ref
 
 PLOTS = {"throughput": "throughput.png", "context": "context.png"}
 

@@ -22,8 +22,8 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Sha256File
 from pyinfra.facts.server import Arch, LinuxDistribution
 
-from operations.gpu import toolkit_nvcc_path
-from operations.remote import streamed
+from llmhost.gpu import toolkit_nvcc_path
+from llmhost.remote import streamed
 
 REPO_BASE = "https://developer.download.nvidia.com/compute/cuda/repos"
 KEYRING_PACKAGE = "cuda-keyring"

@@ -8,7 +8,7 @@ import shlex
 
 from pyinfra.api import FactBase
 
-from operations import flags
+from llmhost import flags
 
 
 class JsonFile(FactBase):

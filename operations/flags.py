@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from operations.settings import ServiceSpec
+from llmhost.settings import ServiceSpec
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 from pyinfra.api import FactBase
 
 if TYPE_CHECKING:  # hints only: the H100 proof imports this module without pyinfra
-    from operations.settings import HostSettings
+    from llmhost.settings import HostSettings
 
 SMI_QUERY = ("nvidia-smi --query-gpu=index,name,compute_cap,driver_version,memory.total "
              "--format=csv,noheader,nounits")
@@ -54,7 +54,7 @@ class Gpu:
     driver_version: str
     memory_mib: int
 
-    def to_json(self) -> dict:  # `pyinfra HOST fact operations.gpu.NvidiaGpus` prints it
+    def to_json(self) -> dict:  # `pyinfra HOST fact llmhost.gpu.NvidiaGpus` prints it
         return asdict(self)
 
     @property
@@ -96,6 +96,8 @@ class GpuFacts:
     mem_total_bytes: int = 0
     mem_available_bytes: int = 0
     disks: tuple[Disk, ...] = ()
+    # /proc/devices' character devices as (major, name): what DeviceAllow= names resolve to.
+    char_devices: tuple[tuple[int, str], ...] = ()
 
     @property
     def driver_version(self) -> str | None:
@@ -103,7 +105,7 @@ class GpuFacts:
             return self.gpus[0].driver_version
         return self.module.version
 
-    def to_json(self) -> dict:  # `pyinfra HOST fact operations.gpu.GpuHost` prints it
+    def to_json(self) -> dict:  # `pyinfra HOST fact llmhost.gpu.GpuHost` prints it
         return asdict(self)
 
     def free_bytes_by_path(self) -> dict[str, int]:
@@ -173,6 +175,20 @@ def parse_meminfo(lines: Iterable[str]) -> dict[str, int]:
     return values
 
 
+def parse_proc_devices(lines: Iterable[str]) -> tuple[tuple[int, str], ...]:
+    """(major, name) of the character devices in /proc/devices (its block devices are skipped)."""
+    found, in_char = [], False
+    for line in lines:
+        text = line.strip()
+        if text.endswith("devices:"):
+            in_char = text == "Character devices:"
+            continue
+        major, _, name = text.partition(" ")
+        if in_char and major.isdigit() and name:
+            found.append((int(major), name.strip()))
+    return tuple(found)
+
+
 def parse_gpu_host(lines: Sequence[str]) -> GpuFacts:
     """GpuFacts from the sectioned output of GpuHost's command ("### name args" headers)."""
     sections: list[tuple[list[str], list[str]]] = []
@@ -186,6 +202,7 @@ def parse_gpu_host(lines: Sequence[str]) -> GpuFacts:
     toolkits: dict[str, Toolkit] = {}
     memory: dict[str, int] = {}
     disks: list[Disk] = []
+    char_devices: tuple[tuple[int, str], ...] = ()
     for header, body in sections:
         kind, args = header[0], header[1:]
         if kind == "nvidia-smi":
@@ -206,6 +223,8 @@ def parse_gpu_host(lines: Sequence[str]) -> GpuFacts:
             memory = parse_meminfo(body)
         elif kind == "disk" and len(args) == 3 and args[1].isdigit():
             disks.append(Disk(args[0], int(args[1]), args[2]))
+        elif kind == "devices":
+            char_devices = parse_proc_devices(body)
     return GpuFacts(
         gpus=tuple(gpus), smi=smi,
         module=KernelModule(module.flavour, module.version, nouveau),
@@ -213,6 +232,7 @@ def parse_gpu_host(lines: Sequence[str]) -> GpuFacts:
         mem_total_bytes=memory.get("MemTotal", 0),
         mem_available_bytes=memory.get("MemAvailable", 0),
         disks=tuple(disks),
+        char_devices=char_devices,
     )
 
 
@@ -246,6 +266,7 @@ def gpu_host_command(paths: Sequence[str] = ()) -> str:
         "[ -n \"$n\" ] && [ -x \"$n\" ] || continue; "
         "echo \"### nvcc $n $(readlink -f \"$n\")\"; \"$n\" --version 2>&1 | grep release; done",
         "echo '### meminfo'; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo",
+        "echo '### devices'; cat /proc/devices 2>/dev/null",
     ]
     for path in paths:
         q = shlex.quote(path)
@@ -283,6 +304,39 @@ class NvidiaGpus(FactBase[list[Gpu]]):
 
     def process(self, output: list[str]) -> list[Gpu]:
         return parse_nvidia_smi(output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device access of GPU services
+
+# The NVIDIA driver's fixed character major: the GPUs (/dev/nvidia0..), /dev/nvidiactl and
+# /dev/nvidia-modeset. Drivers before ~550 name it "nvidia-frontend" in /proc/devices, current
+# ones "nvidia" and "nvidiactl" (580 on the H200).
+NVIDIA_MAJOR = 195
+# The other groups a CUDA process opens: unified memory (every CUDA context) and the MIG
+# capability nodes. The fabric groups (nvidia-nvswitch, nvidia-nvlink, imex channels) are the
+# fabric manager's, not a CUDA process's, and stay closed.
+CUDA_DEVICE_GROUPS = ("nvidia-uvm", "nvidia-caps")
+
+
+class NoNvidiaDevices(ValueError):
+    """The host's /proc/devices names no NVIDIA major 195: its driver is not loaded."""
+
+
+def cuda_device_allow(char_devices: Sequence[tuple[int, str]]) -> tuple[str, ...]:
+    """DeviceAllow= groups a CUDA service needs on this host, by its own /proc/devices names.
+
+    nvidia-uvm is always listed: its module may load only when the first CUDA program (or the
+    llmhost-nvidia-uvm unit, which GPU services start after) asks for it, and systemd resolves
+    the name when the service starts. Every other name must be one /proc/devices has now.
+    """
+    names = [name for major, name in char_devices if major == NVIDIA_MAJOR]
+    if not names:
+        raise NoNvidiaDevices("found no character major 195 (nvidia) in /proc/devices: the "
+                              "NVIDIA kernel module is not loaded")
+    present = {name for _, name in char_devices}
+    extra = [name for name in CUDA_DEVICE_GROUPS if name in present or name == "nvidia-uvm"]
+    return tuple(f"char-{name}" for name in dict.fromkeys(names + extra))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +445,13 @@ def gpu_preflight_problems(host_name: str, gpu_facts: GpuFacts, settings: HostSe
     problems += _toolkit_problems(where, gpu_facts, archs, toolkit_install_enabled, toolkit_version)
     problems += _arch_list_problems(where, gpu_facts.gpus, settings.cuda_architectures)
     problems += _pinned_gpu_problems(where, gpu_facts.gpus, gpu_services)
+    try:
+        cuda_device_allow(gpu_facts.char_devices)
+    except NoNvidiaDevices:
+        problems.append(f"{where}: NVIDIA device nodes: found no character major 195 (nvidia) in "
+                        f"/proc/devices, expected the driver's devices for the GPU services' "
+                        f"DeviceAllow; fix: load the driver (modprobe nvidia) or reboot after "
+                        f"installing it")
     return problems
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import requests
 
-from operations.settings import ModelSpec
+from llmhost.settings import ModelSpec
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")

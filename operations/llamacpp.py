@@ -22,9 +22,9 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
-from operations import gpu, remote
-from operations.facts import JsonFile
-from operations.settings import HostSettings
+from llmhost import gpu, remote
+from llmhost.facts import JsonFile
+from llmhost.settings import HostSettings
 
 TARGETS = ("llama-server", "llama-bench")
 SOURCE_MARKER = ".llmhost-source"

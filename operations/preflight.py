@@ -8,9 +8,9 @@ import os
 from pyinfra import host, state
 from pyinfra.api import operation
 
-from operations import gpu, hf, remote, weights
-from operations.facts import JsonFile
-from operations.settings import HostSettings, SettingsError, load_inventory_settings
+from llmhost import gpu, hf, remote, weights
+from llmhost.facts import JsonFile
+from llmhost.settings import HostSettings, SettingsError, load_inventory_settings
 
 # Room a build needs beside the old one (measured: CPU ~0.3 GB; a CUDA build for one arch with a
 # few FA pairs ~2 GB), with headroom.

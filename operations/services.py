@@ -7,22 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from pathlib import Path
+from io import StringIO
 from typing import Callable
 
 import jinja2
 from pyinfra import host, state
 from pyinfra.api import operation
 from pyinfra.facts.files import File
+from pyinfra.operations import files, systemd
 
-from operations import remote
-from operations.facts import ServerOptions, UnitState
-from operations.flags import ServerPaths, option_names, server_argv, systemd_exec_line
-from operations.llamacpp import Build
-from operations.settings import HostSettings, ServiceSpec, manifest_path
-from operations.weights import PlacedModel
+from llmhost import data_dir, remote
+from llmhost.facts import ServerOptions, UnitState
+from llmhost.flags import ServerPaths, option_names, server_argv, systemd_exec_line
+from llmhost.llamacpp import Build
+from llmhost.settings import HostSettings, ServiceSpec, manifest_path
+from llmhost.weights import PlacedModel
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = data_dir("templates")
 KEY_MODE = "640"
 
 
@@ -32,21 +33,22 @@ def key_path(settings: HostSettings, service: ServiceSpec) -> str | None:
     return f"{settings.config_dir}/keys/{service.name}.key"
 
 
-def gpu_devices(service: ServiceSpec) -> list[str]:
-    """Device nodes a GPU service needs behind DevicePolicy=closed (by major name, so every
-    card and every nvidia-caps node is covered)."""
-    if not service.uses_gpu:
-        return []
-    return ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset",
-            "char-nvidia-frontend", "char-nvidia-caps", "char-nvidia-uvm"]
+# A oneshot unit that makes sure /dev/nvidia-uvm exists before any GPU service starts: the
+# services themselves have no privilege to load the module or make the node.
+UVM_UNIT = "llmhost-nvidia-uvm.service"
+# Loaded at boot on GPU hosts (the uvm unit covers a module that still is not there).
+MODULES_LOAD_PATH = "/etc/modules-load.d/llmhost-nvidia.conf"
+MODULES_LOAD_TEXT = "# Written by llmhost: CUDA services need both at boot.\nnvidia\nnvidia_uvm\n"
 
 
-def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> str:
+def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel,
+                device_allow: tuple[str, ...] = ()) -> str:
+    """The service's unit. ``device_allow``: the DeviceAllow= groups of a GPU service, from
+    the host's /proc/devices (gpu.cuda_device_allow); empty for a CPU service."""
+    if service.uses_gpu and not device_allow:
+        raise ValueError(f"{service.name}: a GPU service needs its DeviceAllow groups")
     argv = server_argv(service, unit_paths(settings, service, build, model))
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
-                                     lstrip_blocks=True, keep_trailing_newline=True,
-                                     undefined=jinja2.StrictUndefined, autoescape=False)
-    return environment.get_template("llama-server.service.j2").render(
+    return _templates().get_template("llama-server.service.j2").render(
         service=service,
         unit_name=service.unit_name,
         user=settings.service_user,
@@ -54,13 +56,36 @@ def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, mode
         model_name=model.model_path.rsplit("/", 1)[-1],
         model_fingerprint=model.fingerprint,
         cuda_visible_devices=",".join(map(str, service.gpus)) if service.gpus is not None else None,
-        gpu_devices=gpu_devices(service),
+        device_allow=device_allow if service.uses_gpu else (),
+        uvm_unit=UVM_UNIT,
     )
+
+
+def render_uvm_unit() -> str:
+    return _templates().get_template("llmhost-nvidia-uvm.service.j2").render(
+        helper=f"{remote.HELPER_DIR}/nvidia_uvm.py")
 
 
 def unit_paths(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> ServerPaths:
     return ServerPaths(binary=build.server_binary, model=model.model_path,
                        mmproj=model.mmproj_path, api_key_file=key_path(settings, service))
+
+
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def nvidia_uvm() -> None:
+    """GPU hosts: the nvidia modules loaded at boot, and the oneshot unit that GPU services
+    require, which makes /dev/nvidia-uvm if it is still missing when they start."""
+    files.put(name="NVIDIA modules at boot", src=StringIO(MODULES_LOAD_TEXT),
+              dest=MODULES_LOAD_PATH, mode="644")
+    unit = files.put(name=f"Unit {UVM_UNIT}", src=StringIO(render_uvm_unit()),
+                     dest=f"/etc/systemd/system/{UVM_UNIT}", mode="644")
+    systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+    systemd.service(name=f"Service {UVM_UNIT}", service=UVM_UNIT, running=True, enabled=True)
 
 
 @operation()
@@ -127,9 +152,12 @@ def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[s
             f"{binary} --help does not list; expected only options this llama.cpp build accepts "
             f"(check extra_args and llm_llamacpp_commit). The running service was not changed.")
         return
-    request = json.dumps({"unit": service.unit_name, "text": unit_text,
-                          "health_url": service.health_url, "timeout": timeout,
-                          "replaces": replaces or []})
+    request = {"unit": service.unit_name, "text": unit_text, "health_url": service.health_url,
+               "timeout": timeout, "replaces": replaces or []}
+    if service.uses_gpu:
+        # Healthy means on its GPUs too: /health alone passes a server that fell back to the CPU.
+        request["gpu"] = {"gpus": list(service.gpus) if service.gpus is not None else None}
+    request = json.dumps(request)
     yield remote.streamed(remote.helper_command("switch_service.py"),
                           f"switch of {service.unit_name}", stdin=request)
 

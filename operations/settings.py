@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from pyinfra.api.exceptions import PyinfraError
 
-from operations import profiles
+from llmhost import profiles
 
 PREFIX = "llm_"
 

@@ -1,6 +1,7 @@
 """Run the host suite (tests/host) against every host of a pyinfra inventory.
 
-    python -m operations.verify inventory.py [--limit HOST[,GROUP...]] [--jobs N] [-- PYTEST ARGS]
+    llmhost-verify inventory.py [--limit HOST[,GROUP...]] [--jobs N] [-- PYTEST ARGS]
+    (or python -m llmhost.verify ...)
 
 Reads the inventory and group_data/ exactly as `pyinfra inventory.py deploy.py` does
 (operations/inventory.py), builds each host's SSH connection from its data (ssh_hostname,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from operations.inventory import load_inventory
-from operations.settings import manifest_path
+from llmhost import data_dir
+from llmhost.inventory import load_inventory
+from llmhost.settings import manifest_path
 
-REPO = Path(__file__).resolve().parent.parent
-SUITE = REPO / "tests" / "host"
+SUITE = data_dir("hostsuite")
 PER_HOST_TIMEOUT = 900
 
 
@@ -104,7 +106,10 @@ def target_for(index: int, name: str, data: dict) -> Target:
     # host-key verification. Verification reads, it never trusts a new key for later use.
     lines += ["  StrictHostKeyChecking no", "  UserKnownHostsFile /dev/null", "  LogLevel ERROR",
               "  ConnectTimeout 15", "  ServerAliveInterval 15", "  BatchMode yes"]
-    return Target(name, f"ssh://{alias}", ssh_config="\n".join(lines) + "\n",
+    # testinfra's ssh backend runs OpenSSH's client; without one (minimal images) its paramiko
+    # backend reads the same ssh_config block.
+    backend = "ssh" if shutil.which("ssh") else "paramiko"
+    return Target(name, f"{backend}://{alias}", ssh_config="\n".join(lines) + "\n",
                   sudo=bool(data.get("_sudo")), manifest=manifest_path(data))
 
 
@@ -141,7 +146,7 @@ def run_host(target: Target, workdir: Path, suite: Path, extra: list[str],
     if target.problem:
         return HostResult(target.name, 1, "", 0.0, [Check("connection", "error", target.problem)])
     junit = workdir / f"{target.url.replace('/', '_').replace(':', '_')}-{id(target)}.xml"
-    cmd = [sys.executable, "-m", "pytest", str(suite), "-p", "no:cacheprovider", "-rfEs",
+    cmd = [sys.executable, "-m", "pytest", str(suite), f"--rootdir={suite}", "-p", "no:cacheprovider", "-rfEs",
            "--color=no", f"--hosts={target.url}", f"--junitxml={junit}",
            f"--llmhost-manifest={target.manifest}"]
     if target.ssh_config:
@@ -152,7 +157,8 @@ def run_host(target: Target, workdir: Path, suite: Path, extra: list[str],
         cmd.append("--sudo")
     cmd += extra
     try:
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        # From the work folder: the caller's own pytest configuration must not apply to the suite.
+        result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout,
                                 stdin=subprocess.DEVNULL)
         code, output = result.returncode, result.stdout + result.stderr
     except subprocess.TimeoutExpired as e:
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(
-        prog="python -m operations.verify",
+        prog="llmhost-verify",
         description="Run tests/host against every host of a pyinfra inventory, one pytest per "
                     "host, in parallel. Arguments after -- go to pytest.")
     parser.add_argument("inventory", help="the pyinfra inventory file the deploy used")
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     suite = Path(args.suite)
     if not (suite / "conftest.py").exists():
-        print(f"verify: the host suite {suite} is missing (run from a checkout of llmhost)",
+        print(f"verify: the host suite {suite} is missing (reinstall llmhost)",
               file=sys.stderr)
         return 2
     limit = [part for item in args.limit for part in item.split(",") if part]

@@ -19,9 +19,9 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
-from operations import hf, remote
-from operations.facts import ModelFile
-from operations.settings import HostSettings, ModelSpec
+from llmhost import hf, remote
+from llmhost.facts import ModelFile
+from llmhost.settings import HostSettings, ModelSpec
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The acceptance bench against a converged sandbox host: `python -m operations.bench` over the
+"""The acceptance bench against a converged sandbox host: `python -m llmhost.bench` over the
 same kind of inventory the deploy used, the CPU service with gemma-3-270m, small contexts
 (ctx 4096, 4 slots of 1024, so 4 parallel requests really run together) and bounded token
 counts, then the report is checked.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import bench_reference
+from llmhost import bench_reference
 from tests.support import cache, deployment, sandbox
 from tests.support.deployment import REPO, run_deploy
 
@@ -68,7 +68,7 @@ def benched(tmp_path_factory):
         deployed = run_deploy(inventory)
         assert deployed.returncode == 0, deployed.output[-8000:]
         key = deployment.ssh(host, "cat /etc/llama/keys/translate.key").stdout.strip()
-        command = [sys.executable, "-m", "operations.bench", str(inventory), "--limit", HOST,
+        command = [sys.executable, "-m", "llmhost.bench", str(inventory), "--limit", HOST,
                    "--out", str(out), *BENCH_ARGS]
         bench = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
         health = deployment.ssh(host, f"python3 -c \"import urllib.request; print(urllib.request."

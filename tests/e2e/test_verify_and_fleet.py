@@ -1,6 +1,6 @@
 """The verify command and fleets, on sandbox hosts through the real CLIs.
 
-(a) `python -m operations.verify` passes on a converged host, and names each problem on a host
+(a) `python -m llmhost.verify` passes on a converged host, and names each problem on a host
     whose unit was stopped, whose model was byte-flipped, whose key file was made world-readable
     (one host, broken three ways, verified after each, repaired by redeploying);
 (b) a Debian 13 (trixie) host converges, reruns with zero changes and passes verify;
@@ -47,7 +47,7 @@ def record(what: str, hosts: int, seconds: float, **extra) -> None:
 
 def verify(inventory: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """The verify command as a user runs it, from the repository root."""
-    return subprocess.run([sys.executable, "-m", "operations.verify", str(inventory), *args],
+    return subprocess.run([sys.executable, "-m", "llmhost.verify", str(inventory), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

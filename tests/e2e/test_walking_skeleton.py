@@ -254,10 +254,11 @@ def exposure(text: str) -> float:
 def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
     """The running CPU unit scores <= 1.5; the guide's GPU unit as rendered scores <= 2.5
     (scored offline: this host has no GPU to start it on)."""
-    from operations.llamacpp import plan_build
-    from operations.services import render_unit
-    from operations.settings import load_host_settings
-    from operations.weights import ModelFileSpec, PlacedModel
+    from llmhost import gpu
+    from llmhost.llamacpp import plan_build
+    from llmhost.services import render_unit
+    from llmhost.settings import load_host_settings
+    from llmhost.weights import ModelFileSpec, PlacedModel
 
     host = converged["host"]
     running = ssh(host, "systemd-analyze security --no-pager llama-translate.service").stdout
@@ -269,7 +270,10 @@ def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
     main = settings.services[0]
     model = PlacedModel("/var/lib/llama-models/m/Qwen.gguf", "/var/lib/llama-models/m/mmproj-F16.gguf",
                         (ModelFileSpec("/var/lib/llama-models/m/Qwen.gguf", "a" * 64, 1),))
-    unit = render_unit(settings, main, plan_build(settings, ("-DGGML_CUDA=ON",)), model)
+    driver_580 = gpu.parse_proc_devices(
+        (REPO / "tests" / "fixtures" / "gpu" / "proc-devices-580.txt").read_text().splitlines())
+    unit = render_unit(settings, main, plan_build(settings, ("-DGGML_CUDA=ON",)), model,
+                       gpu.cuda_device_allow(driver_580))
     ssh(host, f"mkdir -p /tmp/units && cat > /tmp/units/{main.unit_name} <<'EOF'\n{unit}EOF")
     offline = ssh(host, f"systemd-analyze security --no-pager --offline=true /tmp/units/{main.unit_name}").stdout
     assert exposure(offline) <= 2.5, offline[-1500:]

@@ -1,6 +1,6 @@
 """What the deploy promised a GPU host, checked on the host: the build's flags, driver and nvcc
 versions, the compiled CUDA archs cover every GPU, the compiled flash-attention K/V pairs cover
-every GPU service, Blackwell's FP4 path, each GPU service's memory on the GPU, no failed mlock.
+every GPU service, Blackwell's FP4 path, each GPU service on its own GPUs, no failed mlock.
 
 On a host without GPU services (or without GPUs) the GPU checks are skipped with the reason,
 never passed silently; a host whose manifest promises GPU services but shows no GPU fails.
@@ -13,7 +13,10 @@ import re
 
 import pytest
 
-from tests.host.conftest import main_pid
+from llmhost import data_dir
+
+# The same check the deploy's health gate runs on the host (files/gpu_check.py), sent as source.
+GPU_CHECK = (data_dir("files") / "gpu_check.py").read_text()
 
 # CUDA toolkit release -> minimum Linux driver (CUDA release notes, table 3; NOTES.md).
 DRIVER_FOR_TOOLKIT = (((12, 0), "525.60.13"), ((12, 4), "550.54.14"), ((12, 6), "560.28.03"),
@@ -149,21 +152,18 @@ def test_blackwell_native_fp4(gpus, system_info):
         f"{blackwell[0]['name']}, expected 1 (build for 120a with CUDA >= 12.8)"
 
 
-def test_gpu_service_memory_is_on_the_gpu(host, gpus, gpu_services):
-    apps = host.run("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits")
-    used = {}
-    for line in apps.stdout.splitlines():
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) >= 2 and cells[0].isdigit():
-            used[int(cells[0])] = int(cells[1]) if cells[1].isdigit() else 0
-
+def test_gpu_services_run_on_their_gpus(host, gpus, gpu_services):
+    """The deploy's GPU health gate, run again: the main process holds memory on each GPU it
+    was given (and no other), else the reason (device nodes its unit does not allow, uvm
+    missing, llama.cpp's 'no usable GPU'). /health alone passes a server on the CPU."""
     def check(s):
-        pid = main_pid(host, s["unit"])
-        if not pid:
-            return f"{s['unit']} has no main process"
-        if used.get(pid, 0) <= 0:
-            return (f"pid {pid} holds no GPU memory (nvidia-smi compute apps: {used or 'none'}): "
-                    f"the model is not on the GPU")
+        wanted = ",".join(map(str, s["gpus"])) if s.get("gpus") is not None else ""
+        result = host.run("python3 -c %s --unit %s --gpus %s", GPU_CHECK, s["unit"], wanted)
+        try:
+            verdict = json.loads(result.stdout)
+        except ValueError:
+            return f"the GPU check printed no verdict (exit {result.rc}): {result.stderr[-300:]}"
+        return None if verdict["ok"] else verdict["reason"]
     each(gpu_services, check)
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.host.conftest import http, main_pid
+from llmhost.hostcheck import http, main_pid
 
 
 def each(services, check) -> None:

@@ -86,7 +86,8 @@ class DeployResult:
                 continue
             cells = re.split(r"\s{2,}", line.strip())
             if len(cells) >= 5 and cells[0] != "Grand total" and cells[2] not in ("-", "Success"):
-                changed.append(cells[0])
+                # Operations of the packaged deploy are named "llama.cpp server | <name>".
+                changed.append(cells[0].rpartition(" | ")[2])
         return changed
 
 

@@ -52,26 +52,73 @@ MASKED_UNITS = (
 
 BOOT_SCRIPT = r"""
 set -eu
-R=$1; shift
+R=$1; CGROUPS=$2; shift 2
 # The root must be a mount point, or systemd cannot set up a unit's mount namespace (EINVAL):
 # every hardened unit, logind and llama-server's among them, would fail at step NAMESPACE.
 mount --bind "$R" "$R"
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
 mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$R/sys"
-mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$R/sys/fs/cgroup"
-mkdir "$R/sys/fs/cgroup/systemd" "$R/sys/fs/cgroup/unified"
-mount -t cgroup -o none,name=systemd cgroup "$R/sys/fs/cgroup/systemd"
-mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup/unified"
+if [ "$CGROUPS" = unified ]; then
+  # A cgroup2-only machine (the GPU machines): the host's own tree, seen from the sandbox's
+  # cgroup namespace, whose root is the sandbox's cgroup.
+  mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$R/sys/fs/cgroup"
+else
+  mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$R/sys/fs/cgroup"
+  mkdir "$R/sys/fs/cgroup/systemd" "$R/sys/fs/cgroup/unified"
+  mount -t cgroup -o none,name=systemd cgroup "$R/sys/fs/cgroup/systemd"
+  mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup/unified"
+fi
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/tmp"
 mount --rbind /dev "$R/dev"
 while [ $# -gt 0 ]; do
-  mkdir -p "$R/$2"; mount --bind "$1" "$R/$2"; shift 2
+  mkdir -p "$R/$2"; mount --bind "$1" "$R/$2"
+  if [ "$3" = ro ]; then mount -o remount,bind,ro "$R/$2"; fi
+  shift 3
 done
+# Libraries bound in from the machine (the GPU driver's) join the host's linker cache.
+if [ -e "$R/etc/ld.so.conf.d/llmhost-sandbox.conf" ]; then chroot "$R" /sbin/ldconfig; fi
 hostname "$(cat "$R/etc/hostname")"
 exec env -i container=llmhost-sandbox PATH=/usr/sbin:/usr/bin:/sbin:/bin \
   chroot "$R" /lib/systemd/systemd
 """
+
+
+def cgroup_mode() -> str:
+    """'unified' where this machine mounts only cgroup2 at /sys/fs/cgroup (the GPU machines),
+    else 'hybrid' (this development machine). LLMHOST_SANDBOX_CGROUPS=unified tries the GPU
+    machines' way on a hybrid machine too (a cgroup2 tree without controllers)."""
+    if os.environ.get("LLMHOST_SANDBOX_CGROUPS") == "unified":
+        return "unified"
+    return "unified" if _mounts().get("/sys/fs/cgroup") == "cgroup2" else "hybrid"
+
+
+def _mounts() -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo."""
+    found = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        found[left.split()[4]] = right.split()[0]
+    return found
+
+
+def _cgroup2_root() -> Path:
+    return Path(next(point for point, kind in _mounts().items() if kind == "cgroup2"))
+
+
+def write_ssh_key(path: Path, comment: str) -> None:
+    """An ed25519 key pair in OpenSSH's formats (cryptography, a paramiko dependency: no
+    ssh-keygen needed on this machine)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    Path(f"{path}.pub").write_text(f"{public.decode()} {comment}\n")
 
 
 def free_port() -> int:
@@ -80,18 +127,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def base_tarball(suite: str = "bookworm") -> Path:
-    """The debootstrap result for ``suite``, made once and kept in the cache directory."""
+def base_tarball(suite: str = "bookworm", extra: tuple[str, ...] = ()) -> Path:
+    """The debootstrap result for ``suite`` (with ``extra`` packages too), made once and kept in
+    the cache directory."""
     if suite not in SUITES:
         raise ValueError(f"suite {suite!r}: expected one of {', '.join(SUITES)}")
-    tarball = cache.cache_dir() / f"debootstrap-{suite}-{cache.short_hash(*BASE_PACKAGES)}.tar"
+    packages = BASE_PACKAGES + tuple(extra)
+    tarball = cache.cache_dir() / f"debootstrap-{suite}-{cache.short_hash(*packages)}.tar"
     if tarball.exists():
         return tarball
     with tempfile.TemporaryDirectory(dir=cache.cache_dir(), prefix="debootstrap-") as tmp:
         target = Path(tmp) / "root"
         # A private mount namespace: whatever debootstrap mounts in the target stays in it.
         cmd = ["unshare", "--mount", "--propagation", "private", "debootstrap", "--variant=minbase",
-               "--include=" + ",".join(BASE_PACKAGES), suite, str(target), MIRROR]
+               "--include=" + ",".join(packages), suite, str(target), MIRROR]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"debootstrap {suite} failed ({result.returncode}):\n"
@@ -110,6 +159,10 @@ class SandboxHost:
     ssh_port: int
     key_path: Path
     binds: dict[str, str] = field(default_factory=dict)
+    # Folders of this machine bound read-only (a GPU machine's driver and toolkit).
+    binds_ro: dict[str, str] = field(default_factory=dict)
+    # A root filesystem tarball to unpack instead of the debootstrap cache (the GPU machine's).
+    tarball: Path | None = None
     # Downloaded .deb files shared between hosts by copying (a shared bind mount would make
     # hosts that run apt at the same time fight over its lock).
     apt_cache: Path | None = None
@@ -156,12 +209,13 @@ class SandboxHost:
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True)
-        subprocess.run(["tar", "-C", str(self.root), "-xf", str(base_tarball(self.suite))],
-                       check=True)
+        subprocess.run(["tar", "-C", str(self.root), "-xf",
+                        str(self.tarball or base_tarball(self.suite))], check=True)
         etc = self.root / "etc"
         (etc / "hostname").write_text(self.name + "\n")
         (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {self.name}\n")
-        shutil.copy("/etc/resolv.conf", etc / "resolv.conf")
+        if os.path.exists("/etc/resolv.conf"):  # the GPU machine has no network, maybe no file
+            shutil.copy("/etc/resolv.conf", etc / "resolv.conf")
         (etc / "machine-id").write_text("")
         units = etc / "systemd" / "system"
         for unit in MASKED_UNITS:
@@ -175,8 +229,7 @@ class SandboxHost:
         (etc / "ssh" / "sshd_config.d" / "sandbox.conf").write_text(
             f"Port {self.ssh_port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nUseDNS no\n")
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.name,
-                        "-f", str(self.key_path)], check=True)
+        write_ssh_key(self.key_path, self.name)
         ssh_dir = self.root / "root" / ".ssh"
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         shutil.copy(f"{self.key_path}.pub", ssh_dir / "authorized_keys")
@@ -186,6 +239,8 @@ class SandboxHost:
             f"  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
 
     def _cgroup_dirs(self) -> list[Path]:
+        if cgroup_mode() == "unified":
+            return [_cgroup2_root() / "llmhost-sandbox" / self.workdir.name]
         return [Path("/sys/fs/cgroup") / h / "llmhost-sandbox" / self.workdir.name
                 for h in ("systemd", "unified") if (Path("/sys/fs/cgroup") / h).is_dir()]
 
@@ -200,12 +255,13 @@ class SandboxHost:
             for path in cgroups:
                 (path / "cgroup.procs").write_text(str(os.getpid()))
 
-        bind_args = [arg for src, dst in self.binds.items() for arg in (src, dst)]
+        bind_args = [arg for src, dst in self.binds.items() for arg in (src, dst, "rw")]
+        bind_args += [arg for src, dst in self.binds_ro.items() for arg in (src, dst, "ro")]
         log = open(self.workdir / "console.log", "wb")
         self.process = subprocess.Popen(
             ["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--cgroup",
              "--propagation", "private", "bash", "-c", BOOT_SCRIPT, "boot", str(self.root),
-             *bind_args],
+             cgroup_mode(), *bind_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=enter_cgroups, start_new_session=True)
         self.init_pid = self._wait_for_init()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from operations import bench_reference as ref
-from operations import bench_report
-from operations.bench import helper_args, parse_args
-from operations.inventory import InventoryError, load_inventory
+from llmhost import bench_reference as ref
+from llmhost import bench_report
+from llmhost.bench import helper_args, parse_args
+from llmhost.inventory import InventoryError, load_inventory
 
 HELPER = Path(__file__).resolve().parents[2] / "files" / "bench_service.py"
 spec = importlib.util.spec_from_file_location("bench_service", HELPER)
@@ -387,7 +387,7 @@ def fleet() -> dict:
 
 def test_report_has_every_table_and_the_fleet_summary(tmp_path):
     plots, note = bench_report.make_plots(fleet(), tmp_path)
-    text = bench_report.render(fleet(), command="python -m operations.bench inventory.py",
+    text = bench_report.render(fleet(), command="python -m llmhost.bench inventory.py",
                                started="2026-01-01T00:00:00+00:00", plots=plots, plot_note=note)
     for heading in ("## Fleet summary", "### Decode vs parallel requests", "### Latency and prompt processing",
                     "### Engine ceiling (llama-bench)", "### Thinking on vs off", "### Long context (needle)",

@@ -4,15 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from operations import flags
-from operations.flags import ServerPaths, server_argv, systemd_exec_line
-from operations.llamacpp import plan_build
-from operations.services import render_unit
-from operations.settings import load_host_settings
-from operations.weights import ModelFileSpec, PlacedModel
+from llmhost import flags, gpu
+from llmhost.flags import ServerPaths, server_argv, systemd_exec_line
+from llmhost.llamacpp import plan_build
+from llmhost.services import render_unit
+from llmhost.settings import load_host_settings
+from llmhost.weights import ModelFileSpec, PlacedModel
 
 REPO = Path(__file__).resolve().parents[2]
 HELP = (REPO / "tests" / "fixtures" / "llama-server-help-0c1e570.txt").read_text()
+# DeviceAllow groups of a GPU service on the H200's driver 580 (tests/unit/test_gpu_unit.py).
+DRIVER_580 = gpu.cuda_device_allow(gpu.parse_proc_devices(
+    (REPO / "tests" / "fixtures" / "gpu" / "proc-devices-580.txt").read_text().splitlines()))
 
 
 def guide_settings():
@@ -122,7 +125,7 @@ def test_rendered_units_are_hardened_and_keep_secrets_out():
     build = plan_build(settings)
     main, translate = settings.services
     cpu_unit = render_unit(settings, translate, build, placed("/m/q.gguf"))
-    gpu_unit = render_unit(settings, main, build, placed("/m/Q.gguf", "/m/mmproj-F16.gguf"))
+    gpu_unit = render_unit(settings, main, build, placed("/m/Q.gguf", "/m/mmproj-F16.gguf"), DRIVER_580)
     for unit in (cpu_unit, gpu_unit):
         assert "LimitMEMLOCK=infinity" in unit
         assert "Restart=always" in unit
@@ -131,22 +134,29 @@ def test_rendered_units_are_hardened_and_keep_secrets_out():
         assert "--api-key-file /etc/llama/keys/" in unit
         assert "--mlock" not in unit
     assert "PrivateDevices=yes" in cpu_unit and "MemoryDenyWriteExecute=yes" in cpu_unit
-    assert "DeviceAllow=/dev/nvidiactl rw" in gpu_unit
-    assert "DeviceAllow=char-nvidia-caps rw" in gpu_unit
-    assert "DeviceAllow=/dev/nvidia-uvm rw" in gpu_unit
-    assert "PrivateDevices=no" in gpu_unit
+    assert "DeviceAllow" not in cpu_unit and "nvidia" not in cpu_unit
+    assert "PrivateDevices=no" in gpu_unit and "DevicePolicy=closed" in gpu_unit
+    assert "Requires=llmhost-nvidia-uvm.service" in gpu_unit
+    assert "After=llmhost-nvidia-uvm.service" in gpu_unit
+
+
+def test_a_gpu_unit_cannot_be_rendered_without_its_device_groups():
+    settings = guide_settings()
+    with pytest.raises(ValueError, match="main: a GPU service needs its DeviceAllow groups"):
+        render_unit(settings, settings.services[0], plan_build(settings), placed("/m/Q.gguf"))
 
 
 def test_gpu_pinning_sets_cuda_visible_devices():
     settings = load_host_settings("h", {"llm_services": {"t": {
         "port": 1, "model": {"source": "local", "path": "/m.gguf"}, "gpu_layers": 99,
         "gpus": [1]}}})
-    unit = render_unit(settings, settings.services[0], plan_build(settings), placed("/m.gguf"))
+    unit = render_unit(settings, settings.services[0], plan_build(settings), placed("/m.gguf"),
+                       DRIVER_580)
     assert "Environment=CUDA_VISIBLE_DEVICES=1" in unit
 
 
 def test_only_services_the_last_manifest_lists_and_the_settings_dropped_are_retired():
-    from operations.services import handed_over, removed_services
+    from llmhost.services import handed_over, removed_services
 
     settings = guide_settings()  # services main (18082) and translate (18083)
     assert removed_services(settings, None) == []  # a fresh host: nothing of ours to retire

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from operations import gpu
-from operations.gpu import Gpu, GpuFacts, KernelModule, Toolkit
+from llmhost import gpu
+from llmhost.gpu import Gpu, GpuFacts, KernelModule, Toolkit
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
 
@@ -250,7 +250,7 @@ from pyinfra.facts.deb import DebPackages  # noqa: E402
 from pyinfra.facts.files import Sha256File  # noqa: E402
 from pyinfra.facts.server import Arch, LinuxDistribution  # noqa: E402
 
-from operations import cuda  # noqa: E402
+from llmhost import cuda  # noqa: E402
 
 UBUNTU_2404 = {"name": "Ubuntu", "major": 24, "minor": 4, "release_meta": {}}
 PIN_SHA = hashlib.sha256(cuda.PIN_TEXT.encode()).hexdigest()

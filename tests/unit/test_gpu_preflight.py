@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from operations import gpu
-from operations.gpu import GpuFacts, KernelModule, Toolkit
-from operations.settings import load_host_settings
+from llmhost import gpu
+from llmhost.gpu import GpuFacts, KernelModule, Toolkit
+from llmhost.settings import load_host_settings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
 NVCC_128 = Toolkit("/usr/local/cuda-12.8/bin/nvcc", "12.8.93")
@@ -31,10 +31,14 @@ def host(arches=None, **services):
     return load_host_settings("gpu1", data)
 
 
-def facts(smi_file: str, module=OPEN_575, toolkits=(NVCC_128,), pci=None) -> GpuFacts:
+DEVICES_580 = gpu.parse_proc_devices((FIXTURES / "proc-devices-580.txt").read_text().splitlines())
+
+
+def facts(smi_file: str, module=OPEN_575, toolkits=(NVCC_128,), pci=None,
+          char_devices=DEVICES_580) -> GpuFacts:
     gpus = smi(smi_file)
     return GpuFacts(gpus=gpus, smi="ok", module=module, toolkits=toolkits,
-                    pci_gpus=len(gpus) if pci is None else pci)
+                    pci_gpus=len(gpus) if pci is None else pci, char_devices=char_devices)
 
 
 MAIN = {"gpu_layers": 99, "cache_type_k": "q4_0", "cache_type_v": "q8_0"}
@@ -52,7 +56,7 @@ def test_a_good_5090_host_passes():
 
 def test_the_h100_passes_with_its_nvcc_13():
     h100 = GpuFacts(gpus=smi("smi-h100.txt"), smi="ok", module=KernelModule("open", "580.159.04"),
-                    toolkits=(NVCC_130,), pci_gpus=1)
+                    toolkits=(NVCC_130,), pci_gpus=1, char_devices=DEVICES_580)
     assert check(host(main=MAIN), h100) == []
 
 
@@ -253,3 +257,12 @@ def test_fa_pair_warning_for_iq4_nl():
         "llama.cpp: it runs converted to f16 (slow); use types from q4_0, q4_1, q5_0, q5_1, q8_0, "
         "bf16, f16"]
     assert gpu.fa_pair_warnings("gpu1", host(main=MAIN)) == []
+
+
+def test_a_driver_without_its_devices_loaded_is_refused_with_the_fix():
+    loaded_nothing = tuple((m, n) for m, n in DEVICES_580 if m != gpu.NVIDIA_MAJOR)
+    problems = check(host(main=MAIN), facts("smi-rtx5090.txt", char_devices=loaded_nothing))
+    assert problems == [
+        "host gpu1: NVIDIA device nodes: found no character major 195 (nvidia) in /proc/devices, "
+        "expected the driver's devices for the GPU services' DeviceAllow; fix: load the driver "
+        "(modprobe nvidia) or reboot after installing it"]

@@ -1,11 +1,11 @@
-"""operations.hf against the fake Hugging Face server: commits, shards, sizes, sha256, errors."""
+"""llmhost.hf against the fake Hugging Face server: commits, shards, sizes, sha256, errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from operations import hf
-from operations.settings import ModelSpec
+from llmhost import hf
+from llmhost.settings import ModelSpec
 from tests.support import cache
 from tests.support.fake_hf import FakeHF, free_port, make_split_gguf
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from operations import settings as S
-from operations.settings import SettingsError, load_host_settings, load_inventory_settings
+from llmhost import settings as S
+from llmhost.settings import SettingsError, load_host_settings, load_inventory_settings
 
 MODEL = {"source": "local", "path": "/models/m.gguf"}
 

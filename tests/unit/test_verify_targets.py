@@ -1,6 +1,6 @@
 """verify checks each host against the manifest where the deploy wrote it (llm_config_dir)."""
 
-from operations.verify import target_for
+from llmhost.verify import target_for
 
 
 def test_manifest_follows_the_hosts_config_dir():

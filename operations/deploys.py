@@ -1,0 +1,106 @@
+"""The packaged deploy: ``llama_server()`` is the whole job, as pyinfra's packaged deploys are
+(a ``@deploy`` function a user's deploy file calls). The repository's deploy.py is that call."""
+
+from __future__ import annotations
+
+import json
+import logging
+from io import StringIO
+
+from pyinfra import host, state
+from pyinfra.api import deploy
+from pyinfra.operations import files
+
+from llmhost import base, cuda, gpu, llamacpp, preflight, services, timing, weights
+from llmhost.facts import JsonFile
+
+logger = logging.getLogger("llmhost")
+
+
+@deploy("llama.cpp server")
+def llama_server() -> None:
+    """Converge the current host into the llama.cpp server its settings describe.
+
+    Order: validate every host's settings (before anything runs), read the host and run its
+    preflight (a failing host stops here, the others go on), base packages/user/directories,
+    CUDA toolkit when asked, llama.cpp source and build, model files, API keys, then each
+    service's unit behind a health gate, one service at a time, and last the manifest the host
+    suite checks.
+
+    Global arguments given to the call (``llama_server(_sudo=True)``) reach every step.
+
+    Example, a user's own deploy file:
+
+    .. code:: python
+
+        from llmhost.deploys import llama_server
+
+        llama_server()
+    """
+    timing.install(state)
+    settings = preflight.inventory_settings()[host.name]
+    for service in settings.services:
+        for warning in service.warnings:
+            logger.warning(f"[{host.name}] {warning}")
+    for warning in gpu.fa_pair_warnings(host.name, settings):
+        logger.warning(f"[{host.name}] {warning}")
+
+    facts = host.get_fact(gpu.GpuHost, paths=(settings.install_dir, settings.model_dir))
+    models = {service.name: weights.plan(settings, service.model) for service in settings.services}
+    problems = preflight.gpu_problems(settings, facts)
+    build = None if problems else llamacpp.plan_for_host(settings, facts)
+    problems += preflight.disk_problems(settings, facts, build, models)
+    if problems:
+        preflight.fail(problems)
+        return
+
+    base.packages()
+    base.service_user(settings)
+    base.directories(settings)
+    base.helpers()
+    device_allow = ()
+    if settings.uses_gpu:
+        device_allow = gpu.cuda_device_allow(facts.char_devices)
+        services.nvidia_uvm()
+
+    if settings.uses_gpu and settings.cuda_toolkit_install:
+        cuda.install_toolkit(settings.cuda_toolkit_version)
+    llamacpp.source(name="llama.cpp source", settings=settings, build=build)
+    llamacpp.build(name="llama.cpp build", settings=settings, build=build)
+
+    for service in settings.services:
+        for spec in models[service.name].files:
+            weights.model_file(spec, service.model, settings.download_connections)
+
+    manifest_file = f"{settings.config_dir}/{services.MANIFEST_NAME}"
+    removed = services.removed_services(settings, host.get_fact(JsonFile, path=manifest_file))
+    if removed:
+        logger.warning(f"[{host.name}] no longer in llm_services: "
+                       f"{', '.join(s['name'] for s in removed)}; their units are retired, one whose "
+                       f"port a new service takes once that one is healthy (keys, models and "
+                       f"builds stay)")
+    for service in settings.services:
+        key_changed = None
+        path = services.key_path(settings, service)
+        if path and service.api_key_file:
+            key_op = files.put(name=f"API key of {service.name}", src=service.api_key_file,
+                               dest=path, user="root", group=settings.service_user,
+                               mode=services.KEY_MODE)
+            key_changed = services.changed(key_op)
+        elif path:
+            services.generated_key(name=f"API key of {service.name}", path=path,
+                                   group=settings.service_user)
+        unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
+        services.health_gated_unit(
+            name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
+            argv_options=services.argv_options(settings, service, build, models[service.name]),
+            timeout=settings.health_timeout, restart_if=key_changed,
+            replaces=services.handed_over(service, removed))
+    if removed:
+        services.retired_units(name="Retire removed services", units=[s["unit"] for s in removed])
+
+    # Last, so it only describes a host whose every step above succeeded.
+    manifest = services.host_manifest(settings, build, models)
+    files.put(name="Manifest for tests/host", src=StringIO(json.dumps(manifest, indent=1) + "\n"),
+              dest=manifest_file, mode="644")
+

@@ -1,0 +1,1 @@
+"""Jinja2 templates the deploy renders (units); package data of llmhost.templates."""
