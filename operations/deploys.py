@@ -39,6 +39,9 @@ def llama_server() -> None:
     """
     timing.install(state)
     settings = preflight.inventory_settings()[host.name]
+    if not settings.managed:
+        logger.warning(f"[{host.name}] no llm_services in its data: llmhost leaves this host alone")
+        return
     for service in settings.services:
         for warning in service.warnings:
             logger.warning(f"[{host.name}] {warning}")

@@ -43,10 +43,13 @@ def controller_problems(settings: HostSettings) -> list[str]:
 
 
 def inventory_settings() -> dict[str, HostSettings]:
-    """Validate every host of the inventory once per run, before the first operation."""
+    """Validate every host this run touches once per run, before the first operation: the
+    hosts pyinfra connected to within --limit (an unreachable host or one outside the limit is
+    neither validated nor resolved)."""
     key = id(state)
     if key not in _validated:
-        hosts = {h.name: h.data.dict() for h in state.inventory}
+        active = set(state.inventory.get_active_hosts())
+        hosts = {h.name: h.data.dict() for h in state.inventory if h in active}
         settings = load_inventory_settings(hosts)
         problems = [p for s in settings.values() for p in controller_problems(s)]
         problems += manifest_problems(settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 
 from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.connectors.util import CommandOutput
 
 # Host helpers from files/ are uploaded here by the deploy (see helpers.install_helpers).
 HELPER_DIR = "/usr/local/lib/llmhost"
@@ -16,23 +17,33 @@ def helper_command(script: str, *args: str) -> str:
     return " ".join(["python3", shlex.quote(f"{HELPER_DIR}/{script}"), *map(shlex.quote, args)])
 
 
-def streamed(command: str, label: str, stdin: str | None = None) -> FunctionCommand:
-    """A command whose every output line is printed as it arrives, prefixed by the host name.
+class StreamedCommand(StringCommand):
+    """A shell command whose every output line is printed as it arrives, prefixed by the host
+    name, and whose last lines are repeated in red when it fails.
 
-    Helpers print a progress line at most every few seconds, not a flood. ``stdin`` carries
-    secrets (an HF token), which must never be part of a command line.
+    It is a StringCommand, so pyinfra runs it with the operation's connector arguments, as it
+    runs every other command: _sudo, _sudo_user, _sudo_password, _env, ... from host data, the
+    command line or the deploy call. Helpers print a progress line at most every few seconds.
     """
-    return FunctionCommand(_run_streamed, (command, label, stdin), {})
+
+    def __init__(self, command: str, label: str, stdin: str | None = None):
+        # Secrets (an HF token, a unit request) travel as _stdin, never on the command line.
+        super().__init__(command, **({"_stdin": stdin} if stdin is not None else {}))
+        self.label = label
+
+    def execute(self, state, host, connector_arguments):
+        connector_arguments.update(self.connector_arguments)
+        ok, output = host.run_shell_command(self, print_output=True, **connector_arguments)
+        if not ok:
+            host.log_styled(f"{self.label} failed; its last lines:", fg="red")
+            for line in output.combined_lines[-15:]:
+                host.log_styled(f"    {line.line}", fg="red")
+        # Every line was printed as it came: pyinfra would print them all again on failure.
+        return ok, CommandOutput([])
 
 
-def _run_streamed(state, host, command: str, label: str, stdin: str | None) -> bool:
-    kwargs = {"_stdin": stdin} if stdin is not None else {}
-    ok, output = host.run_shell_command(StringCommand(command), print_output=True, **kwargs)
-    if not ok:
-        host.log_styled(f"{label} failed; its last lines:", fg="red")
-        for line in output.combined_lines[-15:]:
-            host.log_styled(f"    {line.line}", fg="red")
-    return ok
+def streamed(command: str, label: str, stdin: str | None = None) -> StreamedCommand:
+    return StreamedCommand(command, label, stdin)
 
 
 def fail(message: str) -> FunctionCommand:

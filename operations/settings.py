@@ -338,6 +338,8 @@ class HostSettings:
     download_connections: int
     health_timeout: int
     services: tuple[ServiceSpec, ...] = field(default_factory=tuple)
+    # False for a host without llm_services (a web server in the same inventory): left alone.
+    managed: bool = True
 
     @property
     def uses_gpu(self) -> bool:
@@ -345,8 +347,10 @@ class HostSettings:
 
     @property
     def fa_pairs(self) -> tuple[str, ...]:
-        """K/V pairs the services need, always with f16-f16 (the unquantized default)."""
-        pairs = {"f16-f16"} | {f"{s.cache_type_k}-{s.cache_type_v}" for s in self.services}
+        """K/V pairs the GPU services need, always with f16-f16 (the unquantized default). CPU
+        services compute any pair on the CPU: their K/V types never change the CUDA build."""
+        pairs = {"f16-f16"} | {f"{s.cache_type_k}-{s.cache_type_v}" for s in self.services
+                               if s.uses_gpu}
         return tuple(sorted(pairs))
 
 
@@ -459,7 +463,7 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
     values = _validate_block(f"host {host_name}", ours, HOST_SETTINGS, problems, sep=": ")
     services: list[ServiceSpec] = []
     raw_services = values.get("llm_services")
-    if "llm_services" in values and not raw_services:
+    if "llm_services" in ours and not raw_services:
         problems.append(f"host {host_name}: llm_services: found no services, expected a mapping "
                         f"of service name to settings (group_data/ has the guide's two)")
     for name, raw in (raw_services or {}).items():
@@ -497,6 +501,7 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
         download_connections=values["llm_download_connections"],
         health_timeout=values["llm_health_timeout"],
         services=tuple(services),
+        managed="llm_services" in ours,
     )
 
 

@@ -170,11 +170,39 @@ def test_profile_fills_repo_and_file_and_can_be_overridden():
         "hf", "unsloth/Qwen3.5-35B-A3B-GGUF", "Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf", "mmproj-F16.gguf", "v1")
 
 
-def test_fa_pairs_are_the_services_pairs_plus_f16():
+def test_fa_pairs_are_the_gpu_services_pairs_plus_f16():
     s = load_host_settings("h1", host_data(llm_services={
-        "a": service(cache_type_k="q4_0", cache_type_v="q8_0"),
-        "b": service(port=2, cache_type_k="q4_0", cache_type_v="q8_0")}))
+        "a": service(gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
+        "b": service(port=2, gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
+        "cpu": service(port=3, cache_type_k="q8_0", cache_type_v="q8_0")}))
     assert s.fa_pairs == ("f16-f16", "q4_0-q8_0")
+
+
+def test_a_cpu_only_change_keeps_the_cuda_build_and_the_gpu_unit():
+    """Changing the K/V types of a CPU service on a GPU host: same CUDA build key (no rebuild),
+    same GPU unit text (no restart)."""
+    from llmhost import gpu, llamacpp
+    from llmhost.services import render_unit
+    from llmhost.weights import ModelFileSpec, PlacedModel
+
+    fixtures = Path(__file__).parents[1] / "fixtures" / "gpu"
+    facts = gpu.GpuFacts(gpus=tuple(gpu.parse_nvidia_smi((fixtures / "smi-h100.txt").read_text().splitlines())),
+                         toolkits=(gpu.Toolkit("/usr/local/cuda/bin/nvcc", "13.0.88"),))
+    devices = gpu.cuda_device_allow(gpu.parse_proc_devices(
+        (fixtures / "proc-devices-580.txt").read_text().splitlines()))
+    model = PlacedModel("/m/a.gguf", None, (ModelFileSpec("/m/a.gguf", "a" * 64, 1),))
+
+    def plan(cpu_types):
+        s = load_host_settings("h1", host_data(llm_services={
+            "main": service(gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
+            "cpu": service(port=2, **cpu_types)}))
+        build = llamacpp.plan_for_host(s, facts)
+        return build, render_unit(s, s.services[0], build, model, devices)
+
+    before = plan({"cache_type_k": "f16", "cache_type_v": "f16"})
+    after = plan({"cache_type_k": "q8_0", "cache_type_v": "q8_0"})
+    assert after[0].build_dir == before[0].build_dir and after[0].cmake_flags == before[0].cmake_flags
+    assert after[1] == before[1]
 
 
 def test_group_data_of_the_guide_is_valid():
@@ -186,3 +214,13 @@ def test_group_data_of_the_guide_is_valid():
         99, 131072, 4, "q4_0", "q8_0")
     assert (translate.gpu_layers, translate.ctx_size, translate.parallel, translate.reasoning) == (
         0, 4096, 4, "off")
+
+
+def test_a_host_without_llm_services_is_not_managed_and_not_refused():
+    """A web server in the same inventory: left alone, but its llm_ keys are still checked."""
+    s = load_host_settings("web1", {"ssh_user": "deploy", "nginx_port": 80,
+                                    "llm_llamacpp_commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f"})
+    assert not s.managed and s.services == ()
+    assert problems_of({"llm_servcies": {}}, host="web1") == [
+        "host web1: llm_servcies: found an unknown setting, expected one of " + ", ".join(
+            sorted(setting.name for setting in S.HOST_SETTINGS))]
