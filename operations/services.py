@@ -5,6 +5,7 @@ when the new one does not come up."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import shlex
 from io import StringIO
@@ -57,6 +58,7 @@ def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, mode
         model_fingerprint=model.fingerprint,
         cuda_visible_devices=",".join(map(str, service.gpus)) if service.gpus is not None else None,
         device_allow=device_allow if service.uses_gpu else (),
+        loopback=ipaddress.ip_address(service.host).is_loopback,
         uvm_unit=UVM_UNIT,
     )
 

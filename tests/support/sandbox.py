@@ -199,7 +199,8 @@ class SandboxHost:
         cmd = ["nsenter", "--target", str(self.init_pid), "--mount", "--uts", "--ipc", "--pid",
                "--root", "--wd", "--", *command]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+                                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                     "LANG": "C.UTF-8"})
         if check and result.returncode:
             raise RuntimeError(f"{self.name}: {' '.join(command)} exited {result.returncode}:\n"
                                f"{result.stdout}{result.stderr}")
