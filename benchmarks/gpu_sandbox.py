@@ -696,12 +696,11 @@ def shlex_quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-# Each line added to the deployed GPU unit alone, to find the tightest set CUDA still serves under.
+# Each set added to the deployed GPU unit alone (a drop-in), to find the tightest unit CUDA still
+# serves under. List settings add up across files: an empty assignment resets them first.
 HARDENING_PROBES = (
-    "ProcSubset=pid",
     "PrivateUsers=yes",
-    "RestrictAddressFamilies=AF_INET AF_INET6",
-    "PrivateNetwork=no\nIPAddressDeny=any\nIPAddressAllow=localhost",
+    "RestrictAddressFamilies=\nRestrictAddressFamilies=AF_INET AF_INET6",
     "DeviceAllow=\nDeviceAllow=char-nvidia rw\nDeviceAllow=char-nvidiactl rw\nDeviceAllow=char-nvidia-uvm rw",
     "MemoryDenyWriteExecute=no",
 )

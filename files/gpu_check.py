@@ -4,15 +4,14 @@ unit switch (switch_service.py) asks it once /health answers, and the host suite
 
 /health answers 200 whether llama-server found its GPU or not: given --n-gpu-layers and no usable
 GPU, it prints a warning and serves from the CPU at a fraction of the speed. So a GPU service is
-on its GPUs only when its main process holds memory on each GPU it was given (nvidia-smi's compute
-apps), or, where nvidia-smi cannot name the process (a PID namespace the driver does not
-translate), holds those GPUs' device files and /dev/nvidia-uvm open, and llama.cpp did not log
-that it found no usable GPU. When it is not, the reason says why: device nodes the unit does not
-allow, /dev/nvidia-uvm missing, llama.cpp's own line, or no GPU memory.
+on its GPUs only when its main process holds memory on each GPU it was given, and on no other
+(nvidia-smi's compute apps; the driver reports PIDs as the caller's PID namespace sees them, as
+measured on the H200 inside a sandbox host). When it is not, the reason says why: device nodes
+the unit does not allow, /dev/nvidia-uvm missing, llama.cpp's own line, or no GPU memory.
 
     gpu_check.py --unit llama-main.service [--gpus 0,1] [--evidence]
 
-prints one JSON object ({"ok": ..., "reason": ..., "held": [...], "method": ...}, with
+prints one JSON object ({"ok": ..., "reason": ..., "held": [...]}, with
 --evidence also what was read) and exits 0 when the service is on its GPUs, 1 when not.
 """
 
@@ -61,22 +60,6 @@ def _device_nodes() -> list[dict]:
     return nodes
 
 
-def _open_devices(pid: int) -> list[str]:
-    """Device files the process holds open (/proc/PID/fd: needs root for another user's process)."""
-    found = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("/dev/nvidia"):
-                found.add(target)
-    except OSError:
-        pass
-    return sorted(found)
-
-
 def _gpu_minors() -> dict[str, int]:
     """Device minor by PCI bus id, from the driver's /proc/driver/nvidia/gpus/<bus>/information."""
     minors = {}
@@ -108,7 +91,6 @@ def read_evidence(unit: str) -> dict:
         "compute_apps": _run("nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory",
                              "--format=csv,noheader,nounits"),
         "minors": _gpu_minors(),
-        "open_devices": _open_devices(pid) if pid else [],
         "device_policy": _show(unit, "DevicePolicy"),
         "device_allow": _show(unit, "DeviceAllow"),
         "proc_devices": proc_devices,
@@ -162,12 +144,17 @@ def char_majors(proc_devices: str) -> dict[str, int]:
     return majors
 
 
+def _pairs(device_allow: str) -> list[tuple[str, str]]:
+    """(device, mode) pairs of `systemctl show -p DeviceAllow` (one pair a line, or spaces)."""
+    words = device_allow.split()
+    return list(zip(words[::2], words[1::2]))
+
+
 def allowed(node: dict, policy: str, device_allow: str, majors: dict[str, int]) -> bool:
     """Whether the unit's device policy lets its process open ``node`` read-write."""
     if policy in ("", "auto") and not device_allow.strip():
         return True
-    words = device_allow.split()
-    for spec, mode in zip(words[::2], words[1::2]):
+    for spec, mode in _pairs(device_allow):
         if "r" not in mode or "w" not in mode:
             continue
         if spec.startswith("char-"):
@@ -183,45 +170,28 @@ def allowed(node: dict, policy: str, device_allow: str, majors: dict[str, int]) 
 # --------------------------------------------------------------------------- the decision
 
 def decide(evidence: dict, wanted: list[int] | None) -> dict:
-    """{"ok", "reason", "held", "method"} for a service given GPUs ``wanted`` (None: any)."""
+    """{"ok", "reason", "held"} for a service given GPUs ``wanted`` (None: any of them)."""
     gpus = parse_gpus(evidence["gpus"])
     by_uuid = {g["uuid"]: g["index"] for g in gpus}
     pid = evidence["pid"]
     if not pid:
-        return {"ok": False, "reason": "the unit has no main process", "held": [], "method": "none"}
+        return {"ok": False, "reason": "the unit has no main process", "held": []}
     if not gpus:
-        return {"ok": False, "reason": "nvidia-smi lists no GPU on this host", "held": [],
-                "method": "none"}
+        return {"ok": False, "reason": "nvidia-smi lists no GPU on this host", "held": []}
     apps = parse_compute_apps(evidence["compute_apps"])
-    mine = sorted({by_uuid[a["uuid"]] for a in apps
+    held = sorted({by_uuid[a["uuid"]] for a in apps
                    if a["pid"] == pid and a["mib"] > 0 and a["uuid"] in by_uuid})
-    method = "nvidia-smi"
-    held = mine
-    if not mine:
-        # The driver may report PIDs of another PID namespace: fall back to the open files.
-        method = "device files"
-        index_by_minor = {evidence["minors"].get(g["bus"]): g["index"] for g in gpus}
-        opened = evidence["open_devices"]
-        minors = [int(m.group(1)) for p in opened if (m := NVIDIA_NODE.match(p))]
-        has_uvm = "/dev/nvidia-uvm" in opened
-        held = sorted(index_by_minor[n] for n in minors if n in index_by_minor) if has_uvm else []
-        if evidence["journal_no_gpu"]:
-            held = []
     expected = sorted(wanted) if wanted is not None else sorted(g["index"] for g in gpus)
-    if wanted is None:
-        ok = bool(held)
-    else:
-        ok = set(wanted) <= set(held) and (method != "nvidia-smi" or set(held) <= set(wanted))
+    ok = bool(held) if wanted is None else set(held) == set(wanted)
     if ok:
-        return {"ok": True, "reason": f"on GPU {', '.join(map(str, held))} ({method})",
-                "held": held, "method": method}
+        return {"ok": True, "reason": f"on GPU {', '.join(map(str, held))}", "held": held}
     stray = sorted(set(held) - set(expected)) if wanted is not None else []
     if stray and set(wanted) <= set(held):
         reason = (f"holds memory on GPU {', '.join(map(str, stray))}, which it was not given "
                   f"(gpus: {wanted})")
     else:
         reason = "ran without its GPU: " + "; ".join(_causes(evidence, expected, pid, apps, held))
-    return {"ok": False, "reason": reason, "held": held, "method": method}
+    return {"ok": False, "reason": reason, "held": held}
 
 
 def _causes(evidence: dict, expected: list[int], pid: int, apps: list[dict],
@@ -239,8 +209,9 @@ def _causes(evidence: dict, expected: list[int], pid: int, apps: list[dict],
     closed = [n for n in needed if not allowed(n, policy, device_allow, majors)]
     if closed:
         nodes = ", ".join(f"{n['path']} (char {n['major']}:{n['minor']})" for n in closed)
+        allow = ", ".join(" ".join(pair) for pair in _pairs(device_allow)) or "none"
         causes.append(f"its unit does not allow {nodes} (DevicePolicy={policy or 'auto'}, "
-                      f"DeviceAllow={device_allow or 'none'})")
+                      f"DeviceAllow={allow})")
     if evidence["journal_no_gpu"]:
         causes.append(f"llama.cpp logged: {evidence['journal_no_gpu'][0].strip()}")
     if not causes:

@@ -252,8 +252,8 @@ def exposure(text: str) -> float:
 
 
 def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
-    """The running CPU unit scores <= 1.5; the guide's GPU unit as rendered scores <= 2.5
-    (scored offline: this host has no GPU to start it on)."""
+    """The running CPU unit scores <= 1.5; the guide's GPU unit as rendered scores <= 2.0
+    (scored offline: this host has no GPU; running on the H200 it scored 1.3)."""
     from llmhost import gpu
     from llmhost.llamacpp import plan_build
     from llmhost.services import render_unit
@@ -276,7 +276,7 @@ def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
                        gpu.cuda_device_allow(driver_580))
     ssh(host, f"mkdir -p /tmp/units && cat > /tmp/units/{main.unit_name} <<'EOF'\n{unit}EOF")
     offline = ssh(host, f"systemd-analyze security --no-pager --offline=true /tmp/units/{main.unit_name}").stdout
-    assert exposure(offline) <= 2.5, offline[-1500:]
+    assert exposure(offline) <= 2.0, offline[-1500:]
     converged["exposure"] = {"cpu": exposure(running), "gpu": exposure(offline)}
     print(f"systemd-analyze security: CPU unit {exposure(running)}, GPU unit (offline) {exposure(offline)}")
 

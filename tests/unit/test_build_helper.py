@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "files"))
 import build_llamacpp as helper  # noqa: E402
 
-# Recorded on the H100 (benchmarks/h100/results/fa-deploy-fa.log), a build for arch 90.
+# Recorded on the H100 on 2026-11-24 (the build log of a deploy there), a build for arch 90.
 H100_INFO = ("n_threads = 16 (n_threads_batch = 16) / 16 | CUDA : ARCHS = 900 | USE_GRAPHS = 1 | "
              "FA_QUANTS = f16-f16,q4_0-q8_0,q8_0-q8_0 | CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |")
 
