@@ -46,6 +46,7 @@ def main() -> int:
               flush=True)
         return 3
     os.chmod(args.staged, 0o644)
+    os.chown(args.staged, 0, 0)  # uploaded as the login user when the deploy runs with sudo
     os.replace(args.staged, args.dest)
     # The mtime lets a rerun notice a file rewritten in place without hashing it again.
     record = {**json.loads(args.record_json), "sha256": digest, "size": size,

@@ -37,7 +37,8 @@ def service_user(settings: HostSettings) -> None:
     # themselves get LimitMEMLOCK=infinity in their units, since limits.d does not reach them.
     files.put(name="memlock limit for the service user",
               src=StringIO(f"{settings.service_user} - memlock unlimited\n"),
-              dest=f"/etc/security/limits.d/90-{settings.service_user}-memlock.conf", mode="644")
+              dest=f"/etc/security/limits.d/90-{settings.service_user}-memlock.conf",
+              user="root", group="root", mode="644")
 
 
 def directories(settings: HostSettings) -> None:
@@ -54,5 +55,6 @@ def helpers() -> None:
     for script in sorted(FILES.glob("*.py")):
         if script.name == "__init__.py":
             continue
+        # Owner given: with _sudo an upload lands as the login user until it is chowned.
         files.put(name=f"Helper {script.name}", src=str(script), dest=f"{HELPER_DIR}/{script.name}",
-                  mode="755")
+                  user="root", group="root", mode="755")

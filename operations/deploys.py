@@ -11,7 +11,7 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from llmhost import base, cuda, gpu, llamacpp, preflight, services, timing, weights
+from llmhost import base, cuda, gpu, llamacpp, preflight, retention, services, timing, weights
 from llmhost.facts import JsonFile
 
 logger = logging.getLogger("llmhost")
@@ -82,6 +82,7 @@ def llama_server() -> None:
                        f"{', '.join(s['name'] for s in removed)}; their units are retired, one whose "
                        f"port a new service takes once that one is healthy (keys, models and "
                        f"builds stay)")
+    rendered = {}
     for service in settings.services:
         key_changed = None
         path = services.key_path(settings, service)
@@ -94,6 +95,7 @@ def llama_server() -> None:
             services.generated_key(name=f"API key of {service.name}", path=path,
                                    group=settings.service_user)
         unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
+        rendered[service.unit_name] = unit_text
         services.health_gated_unit(
             name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
             argv_options=services.argv_options(settings, service, build, models[service.name]),
@@ -101,9 +103,12 @@ def llama_server() -> None:
             replaces=services.handed_over(service, removed))
     if removed:
         services.retired_units(name="Retire removed services", units=[s["unit"] for s in removed])
+    retention.old_versions(name="Remove old builds and model versions",
+                           install_dir=settings.install_dir, model_dir=settings.model_dir,
+                           rendered=rendered, keep_previous=settings.keep_previous)
 
     # Last, so it only describes a host whose every step above succeeded.
     manifest = services.host_manifest(settings, build, models)
     files.put(name="Manifest for tests/host", src=StringIO(json.dumps(manifest, indent=1) + "\n"),
-              dest=manifest_file, mode="644")
+              dest=manifest_file, user="root", group="root", mode="644")
 

@@ -83,9 +83,9 @@ def nvidia_uvm() -> None:
     """GPU hosts: the nvidia modules loaded at boot, and the oneshot unit that GPU services
     require, which makes /dev/nvidia-uvm if it is still missing when they start."""
     files.put(name="NVIDIA modules at boot", src=StringIO(MODULES_LOAD_TEXT),
-              dest=MODULES_LOAD_PATH, mode="644")
+              dest=MODULES_LOAD_PATH, user="root", group="root", mode="644")
     unit = files.put(name=f"Unit {UVM_UNIT}", src=StringIO(render_uvm_unit()),
-                     dest=f"/etc/systemd/system/{UVM_UNIT}", mode="644")
+                     dest=f"/etc/systemd/system/{UVM_UNIT}", user="root", group="root", mode="644")
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
     systemd.service(name=f"Service {UVM_UNIT}", service=UVM_UNIT, running=True, enabled=True)
 

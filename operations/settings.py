@@ -70,6 +70,9 @@ class Setting:
             return _line(where, value, self.expected())
         if not isinstance(value, self.types):
             return _line(where, value, self.expected())
+        if _has_control_chars(value):
+            # A newline in anything that reaches the unit splits its ExecStart into directives.
+            return _line(where, value, "text without control characters (newline, tab, ...)")
         if self.choices and value not in self.choices:
             return _line(where, value, self.expected())
         if self.check and not self.check(value):
@@ -105,8 +108,35 @@ def _non_negative(v: Any) -> bool:
     return v >= 0
 
 
+def _has_control_chars(value: Any) -> bool:
+    if isinstance(value, str):
+        return any(ord(c) < 32 or ord(c) == 127 for c in value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_control_chars(item) for item in value)
+    return False
+
+
 def _abs_path(v: Any) -> bool:
-    return v.startswith("/") and "\n" not in v and " " not in v
+    return v.startswith("/") and " " not in v and ".." not in v.split("/")
+
+
+# Folders the deploy must not take as its own: it creates, cleans (retention) and locks down
+# what it is given, so a system folder would have builds, models or keys spread through it.
+SYSTEM_FOLDERS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt",
+    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin",
+    "/usr/lib", "/usr/local", "/usr/local/bin", "/usr/local/lib", "/usr/sbin", "/usr/share",
+    "/var", "/var/cache", "/var/lib", "/var/log", "/var/tmp", "/etc/systemd",
+    "/etc/systemd/system"})
+
+
+def _own_folder(v: Any) -> bool:
+    return _abs_path(v) and (v.rstrip("/") or "/") not in SYSTEM_FOLDERS
+
+
+def _repo_file(v: Any) -> bool:
+    """A path inside a repo: no leading /, no .. (the download would land outside its folder)."""
+    return not v.startswith("/") and ".." not in v.split("/") and v.strip() != ""
 
 
 def _ip(v: Any) -> bool:
@@ -129,6 +159,8 @@ def _arch_list(v: Any) -> bool:
     return all(isinstance(x, str) and CUDA_ARCH_RE.match(x) for x in v)
 
 
+OWN_FOLDER = "an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"
+
 # Host-level settings. Defaults are the guide's choices where the guide made one.
 HOST_SETTINGS: tuple[Setting, ...] = (
     Setting("llm_llamacpp_source", (str,), "git",
@@ -148,16 +180,18 @@ HOST_SETTINGS: tuple[Setting, ...] = (
             allowed="an absolute path", check=_abs_path),
     Setting("llm_install_dir", (str,), "/opt/llama.cpp",
             "host directory for llama.cpp sources, builds and the shared ccache",
-            allowed="an absolute path without spaces", check=_abs_path),
+            allowed=OWN_FOLDER, check=_own_folder),
     Setting("llm_model_dir", (str,), "/var/lib/llama-models",
             "host directory for model files, one folder per model version",
-            allowed="an absolute path without spaces", check=_abs_path),
+            allowed=OWN_FOLDER, check=_own_folder),
     Setting("llm_config_dir", (str,), "/etc/llama",
             "host directory for API keys and staged units",
-            allowed="an absolute path without spaces", check=_abs_path),
+            allowed=OWN_FOLDER, check=_own_folder),
     Setting("llm_service_user", (str,), "llama",
             "system user (and group) the services run as",
-            allowed="a lowercase user name", check=lambda v: bool(re.match(r"^[a-z_][a-z0-9_-]{0,30}$", v))),
+            allowed="a lowercase user name other than root (the units' hardening assumes an "
+                    "unprivileged user)",
+            check=lambda v: bool(re.match(r"^[a-z_][a-z0-9_-]{0,30}$", v)) and v != "root"),
     Setting("llm_build_jobs", (int,), 0,
             "parallel compile jobs for the llama.cpp build; 0 means one per CPU",
             allowed="a non-negative integer", check=_non_negative),
@@ -172,6 +206,10 @@ HOST_SETTINGS: tuple[Setting, ...] = (
     Setting("llm_download_connections", (int,), 8,
             "parallel ranged connections per model download (1 for a single stream)",
             allowed="an integer from 1 to 32", check=lambda v: 1 <= v <= 32),
+    Setting("llm_keep_previous", (int,), 1,
+            "builds and model versions kept on the host beyond those a unit or its rollback "
+            "target uses, newest first, each kind; older ones are removed",
+            allowed="a non-negative integer", check=_non_negative),
     Setting("llm_health_timeout", (int,), 300,
             "seconds a restarted service may take to answer /health 200 before it is rolled back",
             allowed="a positive integer", check=_positive),
@@ -232,8 +270,11 @@ MODEL_SETTINGS: tuple[Setting, ...] = (
     Setting("repo", (str,), None, "Hugging Face repo, owner/name (source hf or mirror)",
             allowed="owner/name", check=lambda v: bool(re.match(r"^[\w.-]+/[\w.-]+$", v))),
     Setting("revision", (str,), "main", "branch, tag or commit of the repo"),
-    Setting("file", (str,), None, "GGUF file in the repo (the first shard of a split GGUF)"),
-    Setting("mmproj", (str,), None, "vision projector file in the same repo (--mmproj)"),
+    Setting("file", (str,), None, "GGUF file in the repo (the first shard of a split GGUF)",
+            allowed="a path inside the repo (no leading /, no ..)", check=_repo_file),
+    Setting("mmproj", (str,), None, "vision projector file in the same repo (--mmproj)",
+            allowed="a path inside the repo (no leading /, no ..), or a controller path for "
+                    "source local"),
     Setting("endpoint", (str,), None, "HF_ENDPOINT-style base URL (source mirror)",
             allowed="an http(s) URL", check=lambda v: v.startswith(("http://", "https://"))),
     Setting("token_file", (str,), None,
@@ -336,6 +377,7 @@ class HostSettings:
     cuda_toolkit_install: bool
     cuda_toolkit_version: str
     download_connections: int
+    keep_previous: int
     health_timeout: int
     services: tuple[ServiceSpec, ...] = field(default_factory=tuple)
     # False for a host without llm_services (a web server in the same inventory): left alone.
@@ -378,6 +420,50 @@ def _validate_block(where: str, data: Mapping[str, Any], settings: tuple[Setting
     return values
 
 
+# Options of llama-server (every alias its --help lists at the pinned commit) that a setting
+# owns: extra_args may not set them, or the unit carries two values and the later one wins,
+# past the checks of the setting (an open bind without a key, say).
+OWNED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "model": ("-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo", "-hff", "--hf-file",
+              "-mm", "--mmproj", "-mmu", "--mmproj-url"),
+    "host": ("--host",),
+    "port": ("--port",),
+    "api_key_file": ("--api-key-file",),
+    "gpu_layers": ("-ngl", "--gpu-layers", "--n-gpu-layers"),
+    "ctx_size": ("-c", "--ctx-size"),
+    "parallel": ("-np", "--parallel"),
+    "flash_attn": ("-fa", "--flash-attn"),
+    "cache_type_k": ("-ctk", "--cache-type-k"),
+    "cache_type_v": ("-ctv", "--cache-type-v"),
+    "load_mode": ("-lm", "--load-mode"),
+    "reasoning": ("-rea", "--reasoning"),
+    "reasoning_format": ("--reasoning-format",),
+    "reasoning_budget": ("--reasoning-budget",),
+    "threads": ("-t", "--threads"),
+    "metrics": ("--metrics",),
+    "alias": ("-a", "--alias"),
+}
+# Options whose value is a secret: on a command line it is readable by every local user
+# (/proc/PID/cmdline), and it would land in the unit file.
+SECRET_OPTIONS = ("--api-key", "-hft", "--hf-token")
+
+
+def extra_args_problems(where: str, extra_args) -> list[str]:
+    problems = []
+    owner = {option: setting for setting, options in OWNED_OPTIONS.items() for option in options}
+    for word in extra_args or ():
+        option = word.split("=", 1)[0]
+        if option in SECRET_OPTIONS:
+            problems.append(f"{where}.extra_args: found {option!r}, expected no secret on the "
+                            f"command line (argv and the unit are readable); API keys are "
+                            f"generated on the host or pushed with api_key_file")
+        elif option in owner:
+            problems.append(f"{where}.extra_args: found {option!r}, expected it through the "
+                            f"setting {where.split(': ', 1)[1]}.{owner[option]} (extra_args may "
+                            f"not set what a setting owns)")
+    return problems
+
+
 def _load_model(where: str, raw: Any, problems: list[str]) -> ModelSpec | None:
     if raw is None:
         problems.append(f"{where}: found no model, expected a mapping with source local (path) "
@@ -405,9 +491,12 @@ def _load_model(where: str, raw: Any, problems: list[str]) -> ModelSpec | None:
     if source == "mirror" and not values["endpoint"]:
         problems.append(f"{where}.endpoint: found nothing, expected the mirror's base URL for "
                         f"source 'mirror'")
-    if source == "local" and values["mmproj"] and not values["mmproj"].startswith("/"):
+    if source == "local" and values["mmproj"] and not _abs_path(values["mmproj"]):
         problems.append(f"{where}.mmproj: found {values['mmproj']!r}, expected an absolute "
                         f"controller path for source 'local'")
+    if source != "local" and values["mmproj"] and not _repo_file(values["mmproj"]):
+        problems.append(f"{where}.mmproj: found {values['mmproj']!r}, expected a path inside the "
+                        f"repo (no leading /, no ..)")
     if len(problems) > before:
         return None
     return ModelSpec(**values)
@@ -441,6 +530,7 @@ def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> S
     if not values["api_key"] and not loopback and not values["allow_public_without_key"]:
         problems.append(f"{where}.host: found {values['host']!r} with api_key false, expected a "
                         f"loopback address, or allow_public_without_key: true to accept the risk")
+    problems += extra_args_problems(where, values["extra_args"])
     if values["gpus"] is not None and values["gpu_layers"] == 0:
         problems.append(f"{where}.gpus: found {values['gpus']!r} on a CPU-only service "
                         f"(gpu_layers 0), expected gpu_layers > 0 or no gpus")
@@ -499,6 +589,7 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
         cuda_toolkit_install=values["llm_cuda_toolkit_install"],
         cuda_toolkit_version=values["llm_cuda_toolkit_version"],
         download_connections=values["llm_download_connections"],
+        keep_previous=values["llm_keep_previous"],
         health_timeout=values["llm_health_timeout"],
         services=tuple(services),
         managed="llm_services" in ours,

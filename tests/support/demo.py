@@ -42,8 +42,7 @@ def main() -> int:
         })
         print(f"==> pyinfra {inventory} deploy.py   (a cold llama.cpp build takes ~5 min on 2 cores)",
               flush=True)
-        result = deployment.run_deploy(inventory)
-        print(result.output[-6000:])
+        result = deployment.run_deploy(inventory, echo=True)
         if result.returncode:
             print(f"deploy failed ({result.returncode})", file=sys.stderr)
             return result.returncode

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,10 @@ def apt_cache() -> Path:
     return path
 
 
-def booted(name: str, suite: str = "bookworm"):
+def booted(name: str, suite: str = "bookworm", login_user: str = "root"):
     """A sandbox host with the shared caches: what every e2e test and the demo use."""
-    return sandbox.booted_host(name, suite=suite, binds=shared_cache_binds(), apt_cache=apt_cache())
+    return sandbox.booted_host(name, suite=suite, binds=shared_cache_binds(), apt_cache=apt_cache(),
+                               login_user=login_user)
 
 
 def service_settings(port: int, model_path: Path, **overrides) -> dict:
@@ -91,13 +93,29 @@ class DeployResult:
         return changed
 
 
-def run_deploy(inventory: Path, *extra: str, env: dict | None = None, timeout: float = 1800) -> DeployResult:
-    """The real CLI, from the repository root, as a user runs it."""
+def run_deploy(inventory: Path, *extra: str, env: dict | None = None, timeout: float = 1800,
+               echo: bool = False) -> DeployResult:
+    """The real CLI, from the repository root, as a user runs it; ``echo`` prints its output as
+    it comes (the demo), else it is only collected."""
     started = time.monotonic()
     cmd = [sys.executable, "-m", "pyinfra", str(inventory), "deploy.py", "-y", *extra]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    return DeployResult(result.returncode, result.stdout + result.stderr, time.monotonic() - started)
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                               start_new_session=True)
+    timer = threading.Timer(timeout, process.kill)  # this pyinfra process only, by its PID
+    timer.start()
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+        code = process.wait()
+    finally:
+        timer.cancel()
+    if time.monotonic() - started >= timeout:
+        raise subprocess.TimeoutExpired(cmd, timeout, "".join(lines))
+    return DeployResult(code, "".join(lines), time.monotonic() - started)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -62,6 +62,10 @@ class FakeRepo:
     gated: bool = False
     private: bool = False
     token: str | None = None
+    older: set[str] = field(default_factory=set)  # earlier commits, still resolvable by sha
+
+    def knows(self, commit: str) -> bool:
+        return commit == self.commit or commit in self.older
 
 
 @dataclass
@@ -146,6 +150,15 @@ class FakeHF:
         names = {"main": commit, **{ref: commit for ref in refs}}
         self.repos[repo] = FakeRepo(repo, commit, entries, names, gated, private, token)
         return commit
+
+    def new_commit(self, repo: str) -> str:
+        """A new commit of ``repo`` with the same files, ``main`` moved to it (a model repo's
+        monthly update); the earlier commits stay resolvable by sha. Returns the new sha."""
+        r = self.repos[repo]
+        r.older.add(r.commit)
+        r.commit = hashlib.sha1(f"{r.commit}:next".encode()).hexdigest()
+        r.refs = {name: r.commit for name in r.refs}
+        return r.commit
 
     def reset_counters(self) -> None:
         with self.lock:
@@ -252,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _commit(self, repo: FakeRepo, rev: str) -> str | None:
-        commit = repo.refs.get(rev) or (rev if rev == repo.commit else None)
+        commit = repo.refs.get(rev) or (rev if repo.knows(rev) else None)
         if commit is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return commit
@@ -294,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, name: str, commit: str, filename: str, head: bool) -> None:
         repo = self.hub.repos.get(name)
-        f = repo.files.get(filename) if repo and repo.commit == commit else None
+        f = repo.files.get(filename) if repo and repo.knows(commit) else None
         if f is None:
             return self._error(404, None, "NoSuchKey")
         self._send_file(f, head, {"ETag": f'"{f.sha256}"'})

@@ -28,9 +28,10 @@ from tests.support import cache
 SUITES = {"bookworm": "12", "trixie": "13"}
 MIRROR = "http://deb.debian.org/debian"
 # What a minimal cloud image has and our deploy assumes: systemd, sshd, python3 (pyinfra facts
-# and our host helpers), iproute2 and procps (testinfra's socket and process checks).
+# and our host helpers), iproute2 and procps (testinfra's socket and process checks), sudo (the
+# login user of cloud images is not root).
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3",
-                 "ca-certificates", "iproute2", "procps")
+                 "ca-certificates", "iproute2", "procps", "sudo")
 
 # Units that would reach into this machine's kernel or network if they ran here (NOTES.md:
 # a writable /sys let udev rename the machine's interface and networkd flush its address).
@@ -163,6 +164,9 @@ class SandboxHost:
     binds_ro: dict[str, str] = field(default_factory=dict)
     # A root filesystem tarball to unpack instead of the debootstrap cache (the GPU machine's).
     tarball: Path | None = None
+    # Who logs in over SSH: root, or (as on cloud images) a user with passwordless sudo, and
+    # then root's login is refused.
+    login_user: str = "root"
     # Downloaded .deb files shared between hosts by copying (a shared bind mount would make
     # hosts that run apt at the same time fight over its lock).
     apt_cache: Path | None = None
@@ -183,14 +187,17 @@ class SandboxHost:
 
     def pyinfra_data(self) -> dict:
         """Connection data for a pyinfra inventory entry."""
-        return {
+        data = {
             "ssh_hostname": "127.0.0.1",
             "ssh_port": self.ssh_port,
-            "ssh_user": "root",
+            "ssh_user": self.login_user,
             "ssh_key": str(self.key_path),
             "ssh_strict_host_key_checking": "off",
             "ssh_known_hosts_file": "/dev/null",
         }
+        if self.login_user != "root":
+            data["_sudo"] = True
+        return data
 
     def exec(self, *command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a command inside the host's namespaces (not over SSH): for fixtures and faults."""
@@ -228,16 +235,32 @@ class SandboxHost:
             _link_debs(self.apt_cache, self.root / "var/cache/apt/archives")
         (etc / "ssh" / "sshd_config.d").mkdir(parents=True, exist_ok=True)
         (etc / "ssh" / "sshd_config.d" / "sandbox.conf").write_text(
-            f"Port {self.ssh_port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"
+            f"Port {self.ssh_port}\nListenAddress 127.0.0.1\n"
+            f"PermitRootLogin {'prohibit-password' if self.login_user == 'root' else 'no'}\n"
             "PasswordAuthentication no\nUseDNS no\n")
         write_ssh_key(self.key_path, self.name)
         ssh_dir = self.root / "root" / ".ssh"
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         shutil.copy(f"{self.key_path}.pub", ssh_dir / "authorized_keys")
+        if self.login_user != "root":
+            self._add_sudo_user()
         self.ssh_config.write_text(
-            f"Host {self.name}\n  HostName 127.0.0.1\n  Port {self.ssh_port}\n  User root\n"
+            f"Host {self.name}\n  HostName 127.0.0.1\n  Port {self.ssh_port}\n  User {self.login_user}\n"
             f"  IdentityFile {self.key_path}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
             f"  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+
+    def _add_sudo_user(self) -> None:
+        user = self.login_user
+        subprocess.run(["chroot", str(self.root), "useradd", "--create-home", "--shell", "/bin/bash",
+                        user], check=True)
+        sudoers = self.root / "etc" / "sudoers.d" / user
+        sudoers.write_text(f"{user} ALL=(ALL) NOPASSWD: ALL\n")
+        sudoers.chmod(0o440)
+        ssh_dir = self.root / "home" / user / ".ssh"
+        ssh_dir.mkdir(mode=0o700)
+        shutil.copy(f"{self.key_path}.pub", ssh_dir / "authorized_keys")
+        subprocess.run(["chroot", str(self.root), "chown", "-R", f"{user}:{user}", f"/home/{user}/.ssh"],
+                       check=True)
 
     def _cgroup_dirs(self) -> list[Path]:
         if cgroup_mode() == "unified":
@@ -354,7 +377,7 @@ def _remove_cgroup_tree(path: Path) -> None:
 
 @contextlib.contextmanager
 def booted_host(name: str = "sandbox1", suite: str = "bookworm", binds: dict[str, str] | None = None,
-                apt_cache: Path | None = None):
+                apt_cache: Path | None = None, login_user: str = "root"):
     """A fresh, running sandbox host; powered off and deleted on exit, pass or fail.
 
     ``binds`` maps directories of this machine to paths inside the host (ccache, which is safe
@@ -362,7 +385,8 @@ def booted_host(name: str = "sandbox1", suite: str = "bookworm", binds: dict[str
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"llmhost-{name}-", dir="/var/tmp"))
     host = SandboxHost(name=name, suite=suite, workdir=workdir, ssh_port=free_port(),
-                       key_path=workdir / "id_ed25519", binds=dict(binds or {}), apt_cache=apt_cache)
+                       key_path=workdir / "id_ed25519", binds=dict(binds or {}), apt_cache=apt_cache,
+                       login_user=login_user)
     try:
         host.prepare()
         host.boot()

@@ -130,7 +130,81 @@ BAD_INPUTS = [
      + ", ".join(repr(p) for p in S.profiles.PROFILES)),
     ("relative install dir",
      host_data(llm_install_dir="opt/llama"),
-     "host h1: llm_install_dir: found 'opt/llama', expected an absolute path without spaces"),
+     "host h1: llm_install_dir: found 'opt/llama', expected an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"),
+    # Settings that would corrupt a unit, leak a secret or spread the deploy over the system.
+    ("newline in an alias",
+     host_data(llm_services={"translate": service(alias="x\nExecStartPre=/bin/sh -c id")}),
+     "host h1: llm_services.translate.alias: found 'x\\nExecStartPre=/bin/sh -c id', expected text "
+     "without control characters (newline, tab, ...)"),
+    ("newline in an extra_args word",
+     host_data(llm_services={"translate": service(extra_args=["--top-k", "40\nUser=root"])}),
+     "host h1: llm_services.translate.extra_args: found ['--top-k', '40\\nUser=root'], expected text "
+     "without control characters (newline, tab, ...)"),
+    ("tab in a model file name",
+     host_data(llm_services={"translate": service(model={"source": "hf", "repo": "a/b", "file": "m\t.gguf"})}),
+     "host h1: llm_services.translate.model.file: found 'm\\t.gguf', expected text without control "
+     "characters (newline, tab, ...)"),
+    ("an API key in extra_args",
+     host_data(llm_services={"translate": service(extra_args=["--api-key", "sk-123"])}),
+     "host h1: llm_services.translate.extra_args: found '--api-key', expected no secret on the "
+     "command line (argv and the unit are readable); API keys are generated on the host or pushed "
+     "with api_key_file"),
+    ("an HF token in extra_args",
+     host_data(llm_services={"translate": service(extra_args=["--hf-token=hf_abc"])}),
+     "host h1: llm_services.translate.extra_args: found '--hf-token', expected no secret on the "
+     "command line (argv and the unit are readable); API keys are generated on the host or pushed "
+     "with api_key_file"),
+    ("an open bind through extra_args",
+     host_data(llm_services={"translate": service(api_key=False, extra_args=["--host", "0.0.0.0"])}),
+     "host h1: llm_services.translate.extra_args: found '--host', expected it through the setting "
+     "llm_services.translate.host (extra_args may not set what a setting owns)"),
+    ("a port through extra_args",
+     host_data(llm_services={"translate": service(extra_args=["--port=9999"])}),
+     "host h1: llm_services.translate.extra_args: found '--port', expected it through the setting "
+     "llm_services.translate.port (extra_args may not set what a setting owns)"),
+    ("a model through extra_args",
+     host_data(llm_services={"translate": service(extra_args=["-m", "/tmp/other.gguf"])}),
+     "host h1: llm_services.translate.extra_args: found '-m', expected it through the setting "
+     "llm_services.translate.model (extra_args may not set what a setting owns)"),
+    ("an API key file through extra_args",
+     host_data(llm_services={"translate": service(extra_args=["--api-key-file", "/tmp/k"])}),
+     "host h1: llm_services.translate.extra_args: found '--api-key-file', expected it through the "
+     "setting llm_services.translate.api_key_file (extra_args may not set what a setting owns)"),
+    ("a setting's short flag in extra_args",
+     host_data(llm_services={"translate": service(extra_args=["-c", "8192"])}),
+     "host h1: llm_services.translate.extra_args: found '-c', expected it through the setting "
+     "llm_services.translate.ctx_size (extra_args may not set what a setting owns)"),
+    ("root as the service user",
+     host_data(llm_service_user="root"),
+     "host h1: llm_service_user: found 'root', expected a lowercase user name other than root (the "
+     "units' hardening assumes an unprivileged user)"),
+    ("the root folder as the install dir",
+     host_data(llm_install_dir="/"),
+     "host h1: llm_install_dir: found '/', expected an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"),
+    ("/etc as the config dir",
+     host_data(llm_config_dir="/etc/"),
+     "host h1: llm_config_dir: found '/etc/', expected an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"),
+    ("/usr as the model dir",
+     host_data(llm_model_dir="/usr"),
+     "host h1: llm_model_dir: found '/usr', expected an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"),
+    ("a model dir that climbs out",
+     host_data(llm_model_dir="/srv/models/../../etc"),
+     "host h1: llm_model_dir: found '/srv/models/../../etc', expected an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"),
+    ("an HF file that climbs out of its folder",
+     host_data(llm_services={"translate": service(model={"source": "hf", "repo": "a/b",
+                                                         "file": "../../etc/cron.d/x.gguf"})}),
+     "host h1: llm_services.translate.model.file: found '../../etc/cron.d/x.gguf', expected a path "
+     "inside the repo (no leading /, no ..)"),
+    ("an HF file with a leading slash",
+     host_data(llm_services={"translate": service(model={"source": "hf", "repo": "a/b",
+                                                         "file": "/etc/passwd"})}),
+     "host h1: llm_services.translate.model.file: found '/etc/passwd', expected a path inside the "
+     "repo (no leading /, no ..)"),
+    ("an HF mmproj that climbs out",
+     host_data(llm_services={"translate": service(model={"source": "hf", "repo": "a/b",
+                                                         "file": "m.gguf", "mmproj": "../p.gguf"})}),
+     "host h1: llm_services.translate.model.mmproj: found '../p.gguf', expected a path inside the "
+     "repo (no leading /, no ..)"),
 ]
 
 

@@ -1,0 +1,217 @@
+"""The paths real operators take, on sandbox hosts, with llmhost installed from its wheel:
+
+- a wheel built from the repository, installed (not editable) into a fresh virtual environment
+  outside the checkout, used from a folder holding only a user's inventory and a three-line
+  deploy file: converge, zero-change rerun, the console-script verify;
+- a host whose root login is refused and whose `deploy` user has sudo (`ssh_user: deploy`,
+  `_sudo: True`), in the same inventory as a root host: both converge in one run, and every
+  file the deploy made is owned as on the root host;
+- an inventory that also holds a plain host (no llm_services): left alone, saying so;
+- `--limit`: only the limited hosts' Hugging Face models are resolved (the fake Hub counts);
+- a CPU-only change restarts only its own service, with no build;
+- retention: three model revisions leave the live one, its rollback target and one more; what
+  goes is named; a rollback after that still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import cache, deployment
+from tests.support.deployment import REPO, DeployResult
+from tests.support.fake_hf import FakeHF
+
+pytestmark = pytest.mark.e2e
+
+REPO_A = "llmhost-tests/gemma-a-GGUF"
+REPO_B = "llmhost-tests/gemma-b-GGUF"
+DEPLOY_FILE = """from llmhost.deploys import llama_server
+
+llama_server()
+"""
+# What the deploy writes, where ownership must not depend on who logged in.
+DEPLOY_PATHS = ("/opt/llama.cpp/builds", "/opt/llama.cpp/src", "/var/lib/llama-models",
+                "/etc/llama", "/usr/local/lib/llmhost", "/var/lib/llmhost",
+                "/etc/systemd/system/llama-translate.service")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """llmhost's wheel in a fresh virtual environment outside the checkout."""
+    work = tmp_path_factory.mktemp("installed")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work), str(REPO)],
+                   check=True, cwd=work)
+    (wheel,) = work.glob("llmhost-*.whl")
+    venv = Path("/var/tmp") / f"llmhost-venv-{os.getpid()}"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    try:
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=work)
+        yield venv
+    finally:
+        subprocess.run(["rm", "-rf", str(venv)], check=True)
+
+
+@pytest.fixture(scope="module")
+def site(installed, tmp_path_factory):
+    missing = deployment.require_tools()
+    if missing:
+        pytest.fail(f"e2e needs {', '.join(missing)} (bash .ci/setup installs them)")
+    repo, model = cache.llamacpp_repo(), cache.gemma_model()
+    folder = tmp_path_factory.mktemp("user-folder")  # a user's folder: inventory and deploy file
+    (folder / "deploy.py").write_text(DEPLOY_FILE)
+    with deployment.booted("rootdeploy") as root_host, \
+            deployment.booted("sudodeploy", login_user="deploy") as sudo_host, \
+            deployment.git_daemon(repo) as git_url, FakeHF() as hub:
+        for name in (REPO_A, REPO_B):
+            hub.add_repo(name, {cache.MODEL_NAME: model}, sha256={cache.MODEL_NAME: cache.MODEL_SHA256})
+        yield {"root": root_host, "sudo": sudo_host, "git_url": git_url, "hub": hub,
+               "folder": folder, "venv": installed, "model": model,
+               "env": {"HF_ENDPOINT": hub.endpoint}}
+
+
+def llm_data(site, port: int, **service) -> dict:
+    return {"llm_llamacpp_git_url": site["git_url"],
+            "llm_services": {"translate": deployment.service_settings(port, site["model"], **service)}}
+
+
+def write_inventory(site, name: str, hosts: dict) -> Path:
+    return deployment.write_inventory(site["folder"] / name, hosts, group="llm_hosts")
+
+
+def pyinfra(site, inventory: Path, *extra: str) -> DeployResult:
+    """The installed console script, from the user's folder."""
+    started = time.monotonic()
+    result = subprocess.run([str(site["venv"] / "bin" / "pyinfra"), inventory.name, "deploy.py", "-y", *extra],
+                            cwd=site["folder"], capture_output=True, text=True, timeout=1800,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **site["env"]})
+    return DeployResult(result.returncode, result.stdout + result.stderr, time.monotonic() - started)
+
+
+def on_host(host, command: str) -> str:
+    return host.exec("sh", "-c", command, timeout=120).stdout
+
+
+def state_digest(host) -> str:
+    return on_host(host, "find /etc /opt /usr/local /var/lib -xdev \\( -type f -o -type l \\) "
+                         "-printf '%p %s %T@\\n' 2>/dev/null | sort | sha256sum").split()[0]
+
+
+@pytest.fixture(scope="module")
+def converged(site):
+    """Both hosts in one inventory, deployed in parallel by the installed package."""
+    ports = {"rootdeploy": 18201, "sudodeploy": 18202}
+    inventory = write_inventory(site, "inventory.py", {
+        name: (site[kind], llm_data(site, ports[name]))
+        for name, kind in (("rootdeploy", "root"), ("sudodeploy", "sudo"))})
+    first = pyinfra(site, inventory)
+    assert first.returncode == 0, first.output[-8000:]
+    site.update(inventory=inventory, first=first, ports=ports)
+    return site
+
+
+def test_root_login_is_refused_on_the_sudo_host(site):
+    host = site["sudo"]
+    refused = subprocess.run(["ssh", "-F", str(host.ssh_config), "-o", "User=root", "-o", "BatchMode=yes",
+                              host.name, "true"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr, refused.stderr
+    assert host.pyinfra_data()["ssh_user"] == "deploy" and host.pyinfra_data()["_sudo"] is True
+
+
+def test_the_installed_package_converges_and_reruns_with_zero_changes(converged):
+    assert "llama.cpp build" in converged["first"].changed_operations
+    rerun = pyinfra(converged, converged["inventory"])
+    assert rerun.returncode == 0, rerun.output[-4000:]
+    assert rerun.changed_operations == [], rerun.changed_operations
+    # The deploy ran from the installed copy, not from this checkout.
+    assert str(REPO) not in converged["first"].output
+
+
+def test_the_console_script_verify_passes_on_both_hosts(converged):
+    result = subprocess.run([str(converged["venv"] / "bin" / "llmhost-verify"), "inventory.py"],
+                            cwd=converged["folder"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "2 of 2 hosts passed" in result.stdout
+
+
+def test_a_sudo_deploy_owns_every_file_as_a_root_deploy(converged):
+    listing = ("find " + " ".join(DEPLOY_PATHS) + " -printf '%p %u:%g %m\\n' 2>/dev/null | sort")
+    as_root, as_sudo = (on_host(converged[kind], listing) for kind in ("root", "sudo"))
+    assert as_root.count("\n") > 20, as_root
+    assert as_sudo == as_root
+    assert "deploy" not in as_sudo  # nothing owned by the login user
+
+
+def test_a_plain_host_in_the_inventory_is_left_alone(converged):
+    plain = converged["sudo"]
+    before = state_digest(plain)
+    plain_data = {k: v for k, v in plain.pyinfra_data().items()}  # connection only: no llm_ keys
+    inventory = write_inventory(converged, "mixed.py", {
+        "rootdeploy": (converged["root"], llm_data(converged, converged["ports"]["rootdeploy"])),
+        "webserver": (plain, plain_data)})
+    result = pyinfra(converged, inventory)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "[webserver] no llm_services in its data: llmhost leaves this host alone" in result.output
+    assert result.changed_operations == []
+    assert state_digest(plain) == before
+
+
+def test_limit_resolves_only_the_limited_hosts_models(converged):
+    hub = converged["hub"]
+    hf = {"model": {"source": "hf", "repo": REPO_A, "file": cache.MODEL_NAME}}
+    other = {"model": {"source": "hf", "repo": REPO_B, "file": cache.MODEL_NAME}}
+    inventory = write_inventory(converged, "limit.py", {
+        "rootdeploy": (converged["root"], llm_data(converged, converged["ports"]["rootdeploy"], **hf)),
+        "sudodeploy": (converged["sudo"], llm_data(converged, converged["ports"]["sudodeploy"], **other))})
+    hub.log.clear()
+    result = pyinfra(converged, inventory, "--limit", "rootdeploy", "--dry")
+    assert result.returncode == 0, result.output[-4000:]
+    asked = {entry.path.split("/")[4] for entry in hub.log if entry.path.startswith("/api/models/")}
+    assert asked == {REPO_A.split("/")[1]}, [e.path for e in hub.log]
+
+
+def test_a_cpu_only_kv_change_restarts_only_its_service(converged):
+    host = converged["root"]
+    inventory = write_inventory(converged, "kv.py", {"rootdeploy": (host, llm_data(
+        converged, converged["ports"]["rootdeploy"], cache_type_k="q8_0", cache_type_v="q8_0"))})
+    builds = on_host(host, "ls /opt/llama.cpp/builds")
+    result = pyinfra(converged, inventory)
+    assert result.returncode == 0, result.output[-4000:]
+    assert result.changed_operations == ["Service llama-translate.service", "Manifest for tests/host"]
+    assert on_host(host, "ls /opt/llama.cpp/builds") == builds
+
+
+def test_retention_keeps_live_rollback_and_one_more_and_rollback_still_works(converged, tmp_path):
+    host, hub, port = converged["root"], converged["hub"], converged["ports"]["rootdeploy"]
+    hf = {"model": {"source": "hf", "repo": REPO_A, "file": cache.MODEL_NAME}}
+    inventory = write_inventory(converged, "revisions.py", {"rootdeploy": (host, llm_data(converged, port, **hf))})
+    commits, outputs = [], []
+    for revision in range(3):
+        if revision:
+            hub.new_commit(REPO_A)
+        commits.append(hub.repos[REPO_A].commit[:12])
+        result = pyinfra(converged, inventory)
+        assert result.returncode == 0, result.output[-4000:]
+        outputs.append(result.output)
+    folders = on_host(host, "ls -d /var/lib/llama-models/*/* /var/lib/llama-models/local-* 2>/dev/null").split()
+    model_dir = f"/var/lib/llama-models/{REPO_A.replace('/', '--')}"
+    # Live (3rd), its rollback target (2nd), and the newest spare (1st); the local model of the
+    # first deploys is older than all three: it went, and the deploy that removed it said so.
+    assert sorted(folders) == sorted(f"{model_dir}/{c}" for c in commits), folders
+    removed = [line for out in outputs for line in out.splitlines() if "retention: removed" in line]
+    assert len(removed) == 1 and "/var/lib/llama-models/local-" in removed[0], removed
+    assert "retention: removed" not in outputs[0] + outputs[1]
+    # A unit that fails now rolls back to the live one, whose model is still there.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 4096)
+    failing = pyinfra(converged, write_inventory(converged, "broken.py", {"rootdeploy": (host, llm_data(
+        converged, port, model={"source": "local", "path": str(broken)}))}))
+    assert failing.returncode != 0
+    assert "ROLLED BACK to the previous unit, which is healthy" in failing.output, failing.output[-4000:]
+    assert f"{model_dir}/{commits[2]}/" in on_host(host, "cat /etc/systemd/system/llama-translate.service")
