@@ -101,6 +101,19 @@ def system_info_problems(info: str, expectations: list[str]) -> list[str]:
     return problems
 
 
+def built_files(build_dir: str) -> dict[str, list[int]]:
+    """Every file of bin/ (the binaries and the libraries beside them): size and mtime, so a
+    rerun notices one deleted or replaced without hashing it (llmhost.facts.BuildState)."""
+    files = {}
+    bin_dir = os.path.join(build_dir, "bin")
+    for name in sorted(os.listdir(bin_dir)):
+        path = os.path.join(bin_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            st = os.stat(path)
+            files[f"bin/{name}"] = [st.st_size, st.st_mtime_ns]
+    return files
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--src", required=True)
@@ -110,6 +123,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--ccache-dir", default="")
     parser.add_argument("--cmake-flag", action="append", default=[])
+    parser.add_argument("--remove", action="append", help="a file of bin/ to build again")
     parser.add_argument("--expect-system-info", action="append", default=[],
                         help="KEY=VALUE that system_info must show, e.g. ARCHS=900")
     args = parser.parse_args()
@@ -118,6 +132,13 @@ def main() -> int:
     if os.path.exists(marker):
         log(f"build {args.build_dir} is complete; nothing to do")
         return 0
+    # Files of an earlier build that were replaced by hand: ninja would take a newer file for an
+    # up-to-date one, so they go and are linked again (missing ones it notices by itself).
+    for name in args.remove or ():
+        path = os.path.join(args.build_dir, name)
+        log(f"build: {name} was deleted or replaced since the build was verified: building it again")
+        if os.path.isfile(path):
+            os.unlink(path)
     os.makedirs(args.build_dir, exist_ok=True)
     log_path = args.build_dir + ".log"
     env = dict(os.environ)
@@ -154,7 +175,8 @@ def main() -> int:
             return 2
         log(f"system_info: {info}")
     record = {"commit": args.commit, "flags": args.cmake_flag, "targets": args.targets.split(","),
-              "version": version.strip().splitlines()[-2:], "seconds": round(time.monotonic() - started)}
+              "version": version.strip().splitlines()[-2:], "seconds": round(time.monotonic() - started),
+              "files": built_files(args.build_dir)}
     tmp = marker + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)

@@ -12,7 +12,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files
 
 from llmhost import base, cuda, gpu, llamacpp, preflight, retention, services, timing, weights
-from llmhost.facts import JsonFile
+from llmhost.facts import JsonFile, KeyAccepted
 
 logger = logging.getLogger("llmhost")
 
@@ -69,7 +69,7 @@ def llama_server() -> None:
     if settings.uses_gpu and settings.cuda_toolkit_install:
         cuda.install_toolkit(settings.cuda_toolkit_version)
     llamacpp.source(name="llama.cpp source", settings=settings, build=build)
-    llamacpp.build(name="llama.cpp build", settings=settings, build=build)
+    build_op = llamacpp.build(name="llama.cpp build", settings=settings, build=build)
 
     for service in settings.services:
         for spec in models[service.name].files:
@@ -84,22 +84,27 @@ def llama_server() -> None:
                        f"builds stay)")
     rendered = {}
     for service in settings.services:
-        key_changed = None
+        # A service restarts behind the health gate when its unit is new or changed, and also
+        # when what it runs changed under the same unit: a build repaired in place, or a key
+        # that was pushed, made again, or replaced by hand (the server reads it at start only).
+        restart_on = [build_op]
         path = services.key_path(settings, service)
         if path and service.api_key_file:
-            key_op = files.put(name=f"API key of {service.name}", src=service.api_key_file,
-                               dest=path, user="root", group=settings.service_user,
-                               mode=services.KEY_MODE)
-            key_changed = services.changed(key_op)
+            restart_on.append(files.put(name=f"API key of {service.name}", src=service.api_key_file,
+                                        dest=path, user="root", group=settings.service_user,
+                                        mode=services.KEY_MODE))
         elif path:
-            services.generated_key(name=f"API key of {service.name}", path=path,
-                                   group=settings.service_user)
+            restart_on.append(services.generated_key(name=f"API key of {service.name}", path=path,
+                                                     group=settings.service_user))
+        key_refused = bool(path) and host.get_fact(
+            KeyAccepted, url=service.health_url.replace("/health", "/v1/models"), key_file=path) is False
         unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
         rendered[service.unit_name] = unit_text
         services.health_gated_unit(
             name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
             argv_options=services.argv_options(settings, service, build, models[service.name]),
-            timeout=settings.health_timeout, restart_if=key_changed,
+            timeout=settings.health_timeout,
+            restart_if=lambda ops=restart_on, refused=key_refused: refused or services.any_changed(ops),
             replaces=services.handed_over(service, removed))
     if removed:
         services.retired_units(name="Retire removed services", units=[s["unit"] for s in removed])
@@ -108,7 +113,7 @@ def llama_server() -> None:
                            rendered=rendered, keep_previous=settings.keep_previous)
 
     # Last, so it only describes a host whose every step above succeeded.
-    manifest = services.host_manifest(settings, build, models)
+    manifest = services.host_manifest(settings, build, models, rendered)
     files.put(name="Manifest for tests/host", src=StringIO(json.dumps(manifest, indent=1) + "\n"),
               dest=manifest_file, user="root", group="root", mode="644")
 

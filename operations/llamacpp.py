@@ -23,7 +23,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
 from llmhost import gpu, remote
-from llmhost.facts import JsonFile
+from llmhost.facts import BuildState, JsonFile
 from llmhost.settings import HostSettings
 
 TARGETS = ("llama-server", "llama-bench")
@@ -149,9 +149,13 @@ def source(settings: HostSettings, build: Build):
 
 @operation()
 def build(settings: HostSettings, build: Build):
-    """Build the needed targets; a build whose marker exists is never rebuilt."""
-    if host.get_fact(JsonFile, path=f"{build.build_dir}/{BUILD_MARKER}"):
-        host.noop(f"llama.cpp build {os.path.basename(build.build_dir)} is complete")
+    """Build the needed targets, verified before use; a complete build is never rebuilt, and
+    one whose recorded files were deleted or replaced is built again where it stands (ninja
+    relinks just those; a running service keeps the files it has open until its restart)."""
+    recorded = host.get_fact(BuildState, build_dir=build.build_dir)
+    name = os.path.basename(build.build_dir)
+    if recorded and recorded["files"] and not recorded["changed"]:
+        host.noop(f"llama.cpp build {name} is complete")
         return
     args = ["--src", build.source_dir, "--build-dir", build.build_dir,
             "--commit", settings.llamacpp_commit, "--targets", ",".join(TARGETS),
@@ -159,5 +163,8 @@ def build(settings: HostSettings, build: Build):
     # "=" form: argparse would take a bare "-DFOO" for an option of its own.
     args += [f"--cmake-flag={flag}" for flag in build.cmake_flags]
     args += [f"--expect-system-info={fragment}" for fragment in build.expected_system_info]
+    if recorded:  # its record no longer matches (or predates file records): verify it again
+        args += [f"--remove={changed}" for changed in recorded["changed"]]
+        yield f"rm -f {shlex.quote(f'{build.build_dir}/{BUILD_MARKER}')}"
     yield remote.streamed(remote.helper_command("build_llamacpp.py", *args),
                           f"llama.cpp build {os.path.basename(build.build_dir)}")

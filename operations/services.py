@@ -121,7 +121,8 @@ def handed_over(service: ServiceSpec, removed: list[dict]) -> list[dict]:
 @operation()
 def retired_units(units: list[str]):
     """Stop, disable and set aside the units of removed services (see removed_services)."""
-    present = [unit for unit in units if any(host.get_fact(UnitState, unit=unit).values())]
+    states = {unit: host.get_fact(UnitState, unit=unit) for unit in units}
+    present = [unit for unit, s in states.items() if s["sha256"] or s["enabled"] or s["active"]]
     if not present:
         host.noop(f"{', '.join(units)} already retired")
         return
@@ -144,6 +145,10 @@ def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[s
     if current["sha256"] == wanted and current["enabled"] and current["active"] and not forced:
         host.noop(f"{service.unit_name} is up to date and active")
         return
+    if current["sha256"] and current["sha256"] != wanted and current.get("missing") and not state.is_executing:
+        host.log_styled(f"{service.unit_name}: the unit now live, which a failed switch would go "
+                        f"back to, names files that are gone: {', '.join(current['missing'])}",
+                        fg="yellow")
     binary = argv_options[0]
     # None while planning a fresh host (no build yet); at execution the build exists.
     known = host.get_fact(ServerOptions, binary=binary)
@@ -164,9 +169,12 @@ def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[s
                           f"switch of {service.unit_name}", stdin=request)
 
 
-def changed(op_meta) -> Callable[[], bool]:
-    """`did_change` at execution time, `will_change` while pyinfra is still planning."""
-    return lambda: op_meta.did_change() if state.is_executing else bool(op_meta.will_change)
+def any_changed(op_metas) -> bool:
+    """Whether any of the operations changes the host: `did_change` once they ran,
+    `will_change` while pyinfra is still planning."""
+    if state.is_executing:
+        return any(op.did_change() for op in op_metas)
+    return any(op.will_change for op in op_metas)
 
 
 def argv_options(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> list[str]:
@@ -178,8 +186,10 @@ def argv_options(settings: HostSettings, service: ServiceSpec, build: Build, mod
 MANIFEST_NAME = manifest_path({}).rsplit("/", 1)[1]
 
 
-def host_manifest(settings: HostSettings, build: Build, models: dict[str, PlacedModel]) -> dict:
-    """What this deploy promised, written on the host for tests/host to check (no secrets)."""
+def host_manifest(settings: HostSettings, build: Build, models: dict[str, PlacedModel],
+                  rendered: dict[str, str]) -> dict:
+    """What this deploy promised, written on the host for tests/host to check (no secrets):
+    verify compares the unit file, the running argv and the files on disk with it."""
     return {
         "llama_cpp": {"commit": settings.llamacpp_commit, "build_dir": build.build_dir,
                       "server": build.server_binary, "cmake_flags": list(build.cmake_flags),
@@ -200,6 +210,8 @@ def host_manifest(settings: HostSettings, build: Build, models: dict[str, Placed
                 "cache_type_v": s.cache_type_v,
                 "load_mode": s.load_mode,
                 "model_path": models[s.name].model_path,
+                "unit_sha256": hashlib.sha256(rendered[s.unit_name].encode()).hexdigest(),
+                "argv": server_argv(s, unit_paths(settings, s, build, models[s.name])),
                 "files": [{"path": f.dest, "sha256": f.sha256, "size": f.size}
                           for f in models[s.name].files],
             }

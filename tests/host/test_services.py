@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 
 import pytest
@@ -83,7 +84,6 @@ def test_completion_returns_generated_text(host, services):
                                   "temperature": 0})
         if status != 200:
             return f"/completion answered {status}: {body[:300]}"
-        import json
         content = json.loads(body).get("content", "")
         if len(content.strip()) < 2:
             return f"/completion returned no text: {body[:300]}"
@@ -145,6 +145,8 @@ def test_api_key_file_is_private_to_the_service_group(host, manifest, services):
         if not s["api_key_file"]:
             return None
         f = host.file(s["api_key_file"])
+        if not f.exists:
+            return f"{s['api_key_file']} is missing: clients cannot read the key the server has"
         found = (f.user, f.group, f.mode)
         expected = ("root", manifest["service_user"], 0o640)
         if found != expected:
@@ -155,8 +157,8 @@ def test_api_key_file_is_private_to_the_service_group(host, manifest, services):
 
 def test_api_key_is_in_no_unit_or_argv(host, services):
     def check(s):
-        if not s["api_key_file"]:
-            return None
+        if not s["api_key_file"] or not host.file(s["api_key_file"]).exists:
+            return None  # a missing key file is test_api_key_file_is_private_to_the_service_group's
         key = host.file(s["api_key_file"]).content_string.strip()
         unit = host.run("systemctl cat %s", s["unit"]).stdout
         argv = host.file(f"/proc/{main_pid(host, s['unit'])}/cmdline").content_string
@@ -179,3 +181,49 @@ def test_service_is_hardened(host, services):
         if wrong:
             return f"hardening not in place: {wrong}"
     each(services, check)
+
+
+def test_unit_file_is_the_one_the_deploy_wrote(host, services):
+    """A hand edit of the unit (an extra flag, say) shows here until the next deploy puts it back."""
+    def check(s):
+        found = host.run("sha256sum /etc/systemd/system/%s", s["unit"]).stdout.split(" ")[0]
+        if found != s["unit_sha256"]:
+            return f"/etc/systemd/system/{s['unit']} differs from the unit the deploy wrote"
+    each(services, check)
+
+
+def test_running_argv_is_the_one_the_deploy_intended(host, services):
+    """What runs: a drop-in or a hand edit that changed the command shows here."""
+    def check(s):
+        pid = main_pid(host, s["unit"])
+        argv = host.file(f"/proc/{pid}/cmdline").content_string.split("\0")[:-1]
+        if argv != s["argv"]:
+            extra = [a for a in argv if a not in s["argv"]]
+            gone = [a for a in s["argv"] if a not in argv]
+            return f"pid {pid} runs another command: extra {extra}, missing {gone}"
+    each(services, check)
+
+
+def test_running_binary_is_the_build_on_disk(host, manifest, services):
+    """A process keeps a deleted binary open: /health passes while the build is broken on disk."""
+    def check(s):
+        pid = main_pid(host, s["unit"])
+        exe = host.run("readlink /proc/%s/exe", str(pid)).stdout.strip()
+        if exe != manifest["llama_cpp"]["server"]:
+            return f"pid {pid} runs {exe!r}, expected {manifest['llama_cpp']['server']} (on disk)"
+    each(services, check)
+
+
+def test_build_files_are_as_verified(host, manifest):
+    """Every file of the build's bin/ as it was when the build was verified (size, mtime)."""
+    build = manifest["llama_cpp"]["build_dir"]
+    record = json.loads(host.file(f"{build}/.llmhost-build.json").content_string)
+    assert record.get("files"), f"{build}: its record lists no files (redeploy to record them)"
+    script = ("import json,os,sys; d=sys.argv[1]; r=json.load(open(d+'/.llmhost-build.json'))['files']\n"
+              "def now(n):\n"
+              "    try: s=os.stat(os.path.join(d,n)); return [s.st_size,s.st_mtime_ns]\n"
+              "    except OSError: return None\n"
+              "print(json.dumps({n: now(n) for n in r}))")
+    found = json.loads(host.run("python3 -c %s %s", script, build).stdout)
+    changed = sorted(n for n, v in record["files"].items() if found.get(n) != v)
+    assert not changed, f"{build}: {', '.join(changed)} deleted or replaced since the build was verified"

@@ -45,3 +45,16 @@ class HealthPoller(threading.Thread):
         if start is not None:
             windows.append((start, float("inf")))
         return windows
+
+    def wait_ok(self, timeout: float) -> bool:
+        """Poll /health (without the thread) until it answers 200 or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return False
