@@ -50,7 +50,7 @@ def llama_server() -> None:
 
     facts = host.get_fact(gpu.GpuHost, paths=(settings.install_dir, settings.model_dir))
     models = {service.name: weights.plan(settings, service.model) for service in settings.services}
-    problems = preflight.gpu_problems(settings, facts)
+    problems = preflight.gpu_problems(settings, facts) + preflight.toolkit_install_problems(settings)
     build = None if problems else llamacpp.plan_for_host(settings, facts)
     problems += preflight.disk_problems(settings, facts, build, models)
     if problems:

@@ -38,8 +38,19 @@ FA_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16")
 # ggml's default list, for builds that want what upstream compiles plus their own pairs.
 FA_DEFAULT_PAIRS = ("q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16")
 
-KEYRING_FIX = ("set llm_cuda_toolkit_install: true (installs cuda-toolkit-12-8 from NVIDIA's apt "
-               "repository; the driver is never touched)")
+DEFAULT_TOOLKIT = (12, 8)  # llm_cuda_toolkit_version's default, "12-8"
+
+
+def keyring_fix(needed: tuple[int, int] = DEFAULT_TOOLKIT) -> str:
+    """The fix that installs a toolkit able to build for the GPUs present (``needed`` at least:
+    a GB10, compute 12.1, needs 12.9, which the default 12-8 is not)."""
+    if needed > DEFAULT_TOOLKIT:
+        version = f"{needed[0]}-{needed[1]}"
+        return (f"set llm_cuda_toolkit_install: true and llm_cuda_toolkit_version: '{version}' "
+                f"(installs cuda-toolkit-{version} from NVIDIA's apt repository; the driver is "
+                f"never touched)")
+    return ("set llm_cuda_toolkit_install: true (installs cuda-toolkit-12-8 from NVIDIA's apt "
+            "repository; the driver is never touched)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,15 +595,15 @@ def _toolkit_problems(where: str, facts: GpuFacts, archs: Sequence[str], install
     toolkit = build_toolkit(facts, False, "", archs)
     if toolkit is None:
         return [f"{where}: CUDA toolkit: found no nvcc (PATH, /usr/local/cuda*/bin), expected "
-                f"nvcc {need_text}{for_archs}; fix: {KEYRING_FIX}"]
+                f"nvcc {need_text}{for_archs}; fix: {keyring_fix(low)}"]
     if low_archs and toolkit.release < low:
         return [f"{where}: CUDA toolkit: found nvcc {toolkit.version} ({toolkit.path}), expected "
-                f"{need_text}{for_archs}; fix: {KEYRING_FIX}, or install CUDA "
+                f"{need_text}{for_archs}; fix: {keyring_fix(low)}, or install CUDA "
                 f"{low[0]}.{low[1]}+ yourself"]
     if high and toolkit.release >= high:
         return [f"{where}: CUDA toolkit: found nvcc {toolkit.version} ({toolkit.path}), expected "
                 f"one older than 13.0 for CUDA architectures {';'.join(high_archs)} (CUDA 13 "
-                f"dropped Maxwell, Pascal and Volta); fix: {KEYRING_FIX}"]
+                f"dropped Maxwell, Pascal and Volta); fix: {keyring_fix()}"]
     return []
 
 

@@ -8,7 +8,9 @@ import os
 from pyinfra import host, state
 from pyinfra.api import operation
 
-from llmhost import gpu, hf, remote, weights
+from pyinfra.facts.server import Arch, LinuxDistribution
+
+from llmhost import cuda, gpu, hf, remote, weights
 from llmhost.facts import JsonFile
 from llmhost.settings import HostSettings, SettingsError, load_inventory_settings
 
@@ -73,6 +75,15 @@ def manifest_problems(settings: dict[str, HostSettings]) -> list[str]:
             except hf.ManifestError as error:
                 problems.append(f"host {host_settings.host_name}: llm_services.{service.name}.model: {error}")
     return problems
+
+
+def toolkit_install_problems(settings: HostSettings) -> list[str]:
+    """With llm_cuda_toolkit_install, a distribution NVIDIA's repository serves (said now, not
+    when apt fails half-way)."""
+    if not (settings.uses_gpu and settings.cuda_toolkit_install):
+        return []
+    return cuda.toolkit_preflight_problems(settings.host_name, host.get_fact(LinuxDistribution),
+                                           host.get_fact(Arch), settings.cuda_toolkit_version)
 
 
 def gpu_problems(settings: HostSettings, facts: gpu.GpuFacts) -> list[str]:

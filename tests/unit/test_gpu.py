@@ -356,3 +356,18 @@ def test_toolkit_preflight_problems():
     assert cuda.toolkit_preflight_problems("gpu1", UBUNTU_2404, "x86_64", "latest") == [
         "host gpu1: llm_cuda_toolkit_version: found 'latest', expected MAJOR-MINOR like '12-8'; "
         "fix: set llm_cuda_toolkit_version: '12-8'"]
+
+
+def test_the_preflight_refuses_a_toolkit_install_on_a_distribution_nvidia_does_not_serve():
+    from llmhost import preflight
+    from llmhost.settings import load_host_settings
+
+    settings = load_host_settings("gpu1", {"llm_cuda_toolkit_install": True, "llm_services": {
+        "main": {"port": 1, "gpu_layers": 99, "model": {"source": "local", "path": "/m.gguf"}}}})
+    fake = FakeHost({}, distro={"name": "Fedora", "major": 40, "minor": None}, arch="x86_64")
+    with ctx_host.use(fake):
+        problems = preflight.toolkit_install_problems(settings)
+    assert problems == [
+        "host gpu1: llm_cuda_toolkit_install: found Fedora 40.0 on x86_64, expected Ubuntu 22.04, "
+        "Ubuntu 24.04 or Debian 12 on x86_64 (NVIDIA's apt repositories we use); fix: install CUDA "
+        "yourself and set llm_cuda_toolkit_install: false"]

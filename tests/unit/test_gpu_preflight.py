@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from llmhost import gpu
-from llmhost.gpu import GpuFacts, KernelModule, Toolkit
+from llmhost.gpu import Gpu, GpuFacts, KernelModule, Toolkit
 from llmhost.settings import load_host_settings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
@@ -266,3 +266,14 @@ def test_a_driver_without_its_devices_loaded_is_refused_with_the_fix():
         "host gpu1: NVIDIA device nodes: found no character major 195 (nvidia) in /proc/devices, "
         "expected the driver's devices for the GPU services' DeviceAllow; fix: load the driver "
         "(modprobe nvidia) or reboot after installing it"]
+
+
+def test_a_gb10_without_a_toolkit_is_told_a_version_that_builds_it():
+    """A GB10 (compute 12.1) needs CUDA 12.9: the fix must not suggest the default 12-8."""
+    gb10 = (Gpu(0, "NVIDIA GB10", "12.1", "580.95.05", 122000),)
+    problems = check(host(main=MAIN), replace(facts("smi-rtx5090.txt"), gpus=gb10, toolkits=()))
+    assert problems == [
+        "host gpu1: CUDA toolkit: found no nvcc (PATH, /usr/local/cuda*/bin), expected nvcc 12.9 "
+        "or newer for CUDA architectures 121a; fix: set llm_cuda_toolkit_install: true and "
+        "llm_cuda_toolkit_version: '12-9' (installs cuda-toolkit-12-9 from NVIDIA's apt repository; "
+        "the driver is never touched)"]
