@@ -16,3 +16,10 @@ gpu_servers = [
 cpu_servers = [
     # ("cpu1.example.net", {"ssh_user": "root"}),
 ]
+
+# Cloud images log in as a user with sudo: ("gpu2.example.net", {"ssh_user": "ubuntu", "_sudo": True}).
+
+# Before pyinfra connects: a missing ssh_key file names its host (pyinfra's own error does not).
+from llmhost.inventory import check_ssh_keys  # noqa: E402
+
+check_ssh_keys(globals())

@@ -111,6 +111,42 @@ class InventoryHost:
                                        **self._arguments())
 
 
+def missing_ssh_key(name: str, data: dict) -> str | None:
+    """The line for a host whose ssh_key file is not on the controller, or None."""
+    key = data.get("ssh_key")
+    if key and not os.path.exists(os.path.expanduser(str(key))):
+        return (f"host {name}: ssh_key: found {key!r}, which does not exist on the controller; "
+                f"expected the private key file to log in with")
+    return None
+
+
+def check_ssh_keys(namespace: dict) -> None:
+    """Call at the end of an inventory file (``check_ssh_keys(globals())``): pyinfra loads the
+    inventory before it connects, so a missing ssh_key stops the run there with one line per
+    host, before any host is touched (pyinfra's own connect error names no host)."""
+    from pyinfra.api.exceptions import PyinfraError
+
+    problems = []
+    for value in list(namespace.values()):
+        hosts, group_data = value, {}
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict) \
+                and isinstance(value[0], (list, tuple)):
+            hosts, group_data = value
+        if not isinstance(hosts, (list, tuple)):
+            continue
+        for entry in hosts:
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], dict):
+                problem = missing_ssh_key(str(entry[0]), {**group_data, **entry[1]})
+            elif isinstance(entry, str):
+                problem = missing_ssh_key(entry, group_data)
+            else:
+                continue
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise PyinfraError("\n".join(problems))
+
+
 def enable_output() -> None:
     """Let ``run(print_output=True)`` print: pyinfra's API mode prints nothing until a CLI installs
     an echo function, as pyinfra's own CLI does at start-up. For commands, not for libraries."""

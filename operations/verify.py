@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmhost import data_dir
-from llmhost.inventory import load_inventory
+from llmhost.inventory import load_inventory, missing_ssh_key
 from llmhost.settings import manifest_path
 
 SUITE = data_dir("hostsuite")
@@ -89,6 +89,9 @@ def target_for(index: int, name: str, data: dict) -> Target:
     if name.startswith("@"):
         return Target(name, "", problem=f"connector {name.split('/')[0]} is not supported by "
                                             f"verify; run pytest tests/host --hosts=... by hand")
+    missing = missing_ssh_key(name, data)
+    if missing:
+        return Target(name, "", problem=missing)
     if data.get("ssh_password") and not data.get("ssh_key"):
         return Target(name, "", problem="ssh_password is set and no ssh_key: testinfra's ssh "
                                         "backend needs key (or agent) authentication")

@@ -106,6 +106,23 @@ def test_bad_input_stops_before_any_host_changes(site, data, expected):
     assert state_digest(host) == before
 
 
+def test_a_missing_ssh_key_is_named_before_pyinfra_connects(site, tmp_path):
+    """The inventory's own check (as in the example inventory.py): one line naming the host,
+    where pyinfra alone prints a traceback naming only the file."""
+    host = site["host"]
+    before = state_digest(host)
+    data = {**host.pyinfra_data(), "ssh_key": str(tmp_path / "missing_key")}
+    path = site["workdir"] / "nokey.py"
+    path.write_text(f"sandbox = [('skeleton', {data!r})]\n\n"
+                    "from llmhost.inventory import check_ssh_keys\n\ncheck_ssh_keys(globals())\n")
+    result = run_deploy(path, env=site["env"])
+    assert result.returncode != 0
+    assert (f"host skeleton: ssh_key: found '{tmp_path}/missing_key', which does not exist on the "
+            f"controller; expected the private key file to log in with") in result.output, result.output[-3000:]
+    assert "Traceback" not in result.output and "Starting operation" not in result.output
+    assert state_digest(host) == before
+
+
 def test_gated_model_without_token_stops_before_any_host_changes(site):
     before = state_digest(site["host"])
     result = run_deploy(site["inventory"](), env={"HF_ENDPOINT": site["hub"].endpoint, "HF_TOKEN": ""})
