@@ -120,7 +120,7 @@ def machine() -> str:
 
 def report(args, rows: list[dict], noop: list[float]) -> str:
     lines = [
-        "# Download benchmark (issue 3)",
+        "# Download benchmark",
         "",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. Command, from "
         f"the repository root:",

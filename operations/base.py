@@ -51,9 +51,14 @@ def directories(settings: HostSettings) -> None:
                     user="root", group=settings.service_user, mode="750")
 
 
+# The bench uploads its own helper when it runs (llmhost.bench): a deploy never ships it, so an
+# edit of the bench changes nothing on a host's next deploy.
+NOT_DEPLOYED = ("__init__.py", "bench_service.py")
+
+
 def helpers() -> None:
     for script in sorted(FILES.glob("*.py")):
-        if script.name == "__init__.py":
+        if script.name in NOT_DEPLOYED:
             continue
         # Owner given: with _sudo an upload lands as the login user until it is chowned.
         files.put(name=f"Helper {script.name}", src=str(script), dest=f"{HELPER_DIR}/{script.name}",

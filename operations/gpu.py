@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # hints only: the H100 proof imports this module without pyin
 SMI_QUERY = ("nvidia-smi --query-gpu=index,name,compute_cap,driver_version,memory.total "
              "--format=csv,noheader,nounits")
 
-# Driver each CUDA toolkit needs (CUDA release notes, table 3; 12.8 and 13.0 in NOTES.md).
+# Driver each CUDA toolkit needs (CUDA 12.x and 13.0 release notes, table 3).
 # A release between two rows needs the lower row's driver at least.
 DRIVER_FOR_TOOLKIT: tuple[tuple[tuple[int, int], str], ...] = (
     ((12, 0), "525.60.13"),

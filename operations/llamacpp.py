@@ -30,7 +30,7 @@ TARGETS = ("llama-server", "llama-bench")
 SOURCE_MARKER = ".llmhost-source"
 BUILD_MARKER = ".llmhost-build.json"
 
-# Offline-safe, server-only configuration (NOTES.md): no web UI download at build time, no
+# Offline-safe, server-only configuration (llama.cpp's CMakeLists at the pinned commit): no web UI download at build time, no
 # OpenSSL (models come from our own downloader, not -hf), no tests or examples.
 BASE_CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -96,7 +96,8 @@ def plan_for_host(settings: HostSettings, facts: gpu.GpuFacts) -> Build:
     expected = [f"ARCHS={gpu.system_info_archs(archs)}",
                 f"FA_QUANTS={gpu.fa_quants(settings.fa_pairs).replace(';', ',')}"]
     if any(arch.startswith("12") for arch in archs) and any(g.compute_cap.startswith("12.") for g in facts.gpus):
-        # Printed only at run time with a Blackwell GPU present (NOTES.md): never on an H100.
+        # Printed only at run time with a Blackwell GPU present (ggml-cuda's system_info at the
+        # pinned commit): never on an H100 or H200.
         expected.append("BLACKWELL_NATIVE_FP4=1")
     return plan_build(settings, tuple(gpu.cuda_cmake_flags(toolkit.path, archs, settings.fa_pairs)),
                       tuple(expected), toolkit.path)

@@ -105,7 +105,7 @@ def target_for(index: int, name: str, data: dict) -> Target:
         # pytest runs from the repository root: a relative key path is the user's, made absolute.
         lines.append(f"  IdentityFile {_ssh_value(os.path.abspath(os.path.expanduser(data['ssh_key'])))}")
         lines.append("  IdentitiesOnly yes")
-    # NOTES.md: testinfra needs these in an ssh_config; --ssh-extra-args alone still failed
+    # testinfra 10.2 needs these in an ssh_config; --ssh-extra-args alone still failed
     # host-key verification. Verification reads, it never trusts a new key for later use.
     lines += ["  StrictHostKeyChecking no", "  UserKnownHostsFile /dev/null", "  LogLevel ERROR",
               "  ConnectTimeout 15", "  ServerAliveInterval 15", "  BatchMode yes"]

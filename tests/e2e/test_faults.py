@@ -1,4 +1,4 @@
-"""Faults the deploy survives, on one converged sandbox host (issue 4, point 5):
+"""Faults the deploy survives, on one converged sandbox host:
 
 - the llama-server process killed: systemd brings it back, the host suite passes;
 - the disk nearly full before a download: a clear preflight failure, nothing partial left;

@@ -145,6 +145,8 @@ def test_first_run_converges(converged):
     for op in ("llama.cpp source", "llama.cpp build", "Service llama-translate.service",
                "Service llama-chat.service"):
         assert op in changed, changed
+    # The bench brings its own helper when it runs: a deploy never ships it.
+    assert "Helper bench_service.py" not in changed and "Helper switch_service.py" in changed
     # The download's progress reached pyinfra's normal output.
     assert "done:" in converged["first"].output and "verified" in converged["first"].output
 
@@ -182,7 +184,7 @@ def completion(host, port: int, key_file: str) -> dict:
 def test_served_answer_from_the_pinned_commit(converged):
     host = converged["host"]
     content = completion(host, converged["ports"]["translate"], "/etc/llama/keys/translate.key")["content"]
-    # A base model: it continues the sentence (NOTES.md: "... the capital of France. It is ...").
+    # A base model: it continues the sentence ("... the capital of France. It is ...").
     assert "France" in content or "Paris" in content, content
     version = ssh(host, "/opt/llama.cpp/builds/*/bin/llama-server --version 2>&1").stdout
     assert "0c1e5709" in version, version

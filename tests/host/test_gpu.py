@@ -18,7 +18,7 @@ from llmhost import data_dir
 # The same check the deploy's health gate runs on the host (files/gpu_check.py), sent as source.
 GPU_CHECK = (data_dir("files") / "gpu_check.py").read_text()
 
-# CUDA toolkit release -> minimum Linux driver (CUDA release notes, table 3; NOTES.md).
+# CUDA toolkit release -> minimum Linux driver (CUDA release notes, table 3).
 DRIVER_FOR_TOOLKIT = (((12, 0), "525.60.13"), ((12, 4), "550.54.14"), ((12, 6), "560.28.03"),
                       ((12, 8), "570.26"), ((12, 9), "575.51.03"), ((13, 0), "580.65.06"))
 # Oldest toolkit that compiles for a GPU generation (sm_120: CUDA 12.8; sm_100: 12.8; sm_90: 11.8).

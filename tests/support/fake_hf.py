@@ -1,6 +1,6 @@
 """A fake Hugging Face Hub on 127.0.0.1: a real HTTP server for the manifest and download tests.
 
-It speaks the parts of the Hub the project uses (see ../shared/NOTES.md):
+It speaks the parts of the Hub the project uses (llmhost.hf and files/fetch_model.py):
 
 - ``GET /api/models/{repo}/revision/{rev}?blobs=true``: sha and siblings with size and lfs.sha256
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``: X-Repo-Commit, X-Linked-Etag, X-Linked-Size and

