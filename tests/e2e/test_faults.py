@@ -202,9 +202,11 @@ def test_deploy_killed_mid_download_then_converges(site):
     folder = f"{MODEL_DIR}/{COPY_ID.replace('/', '--')}"
     listing = ssh(host, f"ls -la {folder}/*/ 2>&1").stdout
     assert "unit written" not in output, "the killed run reached the unit switch"
+    assert ".partial" in listing, listing
     rerun = converge_after_kill(site, inventory, poller, output, killed_at)
-    assert any(op.startswith("Model file") for op in rerun.changed_operations) or \
-        "partial" not in listing, (rerun.changed_operations, listing)
+    # The rerun went on from what the killed one had fetched, and put the file in place.
+    assert "resuming: " in rerun.output, rerun.output[-4000:]
+    assert any(op.startswith("Model file") for op in rerun.changed_operations), rerun.changed_operations
     assert f"{folder}/" in ssh(host, "cat /etc/llama/llmhost.json").stdout
     suite = host_suite(host)
     assert suite.returncode == 0, suite.stdout[-5000:]
