@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from pyinfra.api.exceptions import PyinfraError
@@ -161,153 +161,70 @@ def _arch_list(v: Any) -> bool:
 
 OWN_FOLDER = "an absolute path without spaces or .., not a system folder (/, /etc, /usr, /opt, ...)"
 
-# Host-level settings. Defaults are the guide's choices where the guide made one.
-HOST_SETTINGS: tuple[Setting, ...] = (
-    Setting("llm_llamacpp_source", (str,), "git",
-            "where llama.cpp comes from: git (clone llm_llamacpp_git_url on the host) or local "
-            "(llm_llamacpp_local_path on the controller, pushed to the host)",
-            choices=LLAMACPP_SOURCES),
-    Setting("llm_llamacpp_git_url", (str,), "https://github.com/ggml-org/llama.cpp",
-            "git URL the host clones llama.cpp from (source git)"),
-    Setting("llm_llamacpp_commit", (str,), PINNED_COMMIT,
-            "full llama.cpp commit sha to build; the default is the commit CI builds",
-            allowed="a full 40-character lowercase commit sha", check=lambda v: bool(COMMIT_RE.match(v))),
-    Setting("llm_llamacpp_build_number", (int,), PINNED_BUILD_NUMBER,
-            "llama.cpp build number passed to cmake (a shallow clone cannot count it)",
-            allowed="a non-negative integer", check=_non_negative),
-    Setting("llm_llamacpp_local_path", (str,), None,
-            "controller path of a llama.cpp .tar.gz or git checkout (source local)",
-            allowed="an absolute path", check=_abs_path),
-    Setting("llm_install_dir", (str,), "/opt/llama.cpp",
-            "host directory for llama.cpp sources, builds and the shared ccache",
-            allowed=OWN_FOLDER, check=_own_folder),
-    Setting("llm_model_dir", (str,), "/var/lib/llama-models",
-            "host directory for model files, one folder per model version",
-            allowed=OWN_FOLDER, check=_own_folder),
-    Setting("llm_config_dir", (str,), "/etc/llama",
-            "host directory for API keys and staged units",
-            allowed=OWN_FOLDER, check=_own_folder),
-    Setting("llm_service_user", (str,), "llama",
-            "system user (and group) the services run as",
-            allowed="a lowercase user name other than root (the units' hardening assumes an "
-                    "unprivileged user)",
-            check=lambda v: bool(re.match(r"^[a-z_][a-z0-9_-]{0,30}$", v)) and v != "root"),
-    Setting("llm_build_jobs", (int,), 0,
-            "parallel compile jobs for the llama.cpp build; 0 means one per CPU",
-            allowed="a non-negative integer", check=_non_negative),
-    Setting("llm_cuda_architectures", (list,), None,
-            "CUDA archs to build for (e.g. ['120a', '89']); unset means computed from the GPUs present",
-            allowed="a list of arch strings like '90', '89' or '120a'", check=_arch_list),
-    Setting("llm_cuda_toolkit_install", (bool,), False,
-            "install NVIDIA's CUDA toolkit from its apt repository (the driver is never touched)"),
-    Setting("llm_cuda_toolkit_version", (str,), "12-8",
-            "the cuda-toolkit-X-Y package to install when llm_cuda_toolkit_install is true",
-            allowed="a version like '12-8'", check=lambda v: bool(re.match(r"^\d+-\d+$", v))),
-    Setting("llm_download_connections", (int,), 8,
-            "parallel ranged connections per model download (1 for a single stream)",
-            allowed="an integer from 1 to 32", check=lambda v: 1 <= v <= 32),
-    Setting("llm_keep_previous", (int,), 1,
-            "builds and model versions kept on the host beyond those a unit or its rollback "
-            "target uses, newest first, each kind; older ones are removed",
-            allowed="a non-negative integer", check=_non_negative),
-    Setting("llm_health_timeout", (int,), 300,
-            "seconds a restarted service may take to answer /health 200 before it is rolled back",
-            allowed="a positive integer", check=_positive),
-    Setting("llm_services", (dict,), None,
-            "the llama-server services of this host, by name (see the service settings)"),
-)
-
-# Per-service settings, under llm_services.<name>.
-SERVICE_SETTINGS: tuple[Setting, ...] = (
-    Setting("port", (int,), None, "TCP port llama-server listens on (required)",
-            allowed="an integer from 1 to 65535", check=_port),
-    Setting("host", (str,), "127.0.0.1", "address llama-server binds; loopback unless a key is set",
-            allowed="an IP address", check=_ip),
-    Setting("model", (dict,), None, "the model to serve (see the model settings; required)"),
-    Setting("gpu_layers", (int,), 0, "-ngl: layers offloaded to the GPU; 0 is a CPU-only service",
-            allowed="a non-negative integer", check=_non_negative),
-    Setting("ctx_size", (int,), 4096, "-c: total context, shared by the slots",
-            allowed="a positive integer", check=_positive),
-    Setting("parallel", (int,), 4, "-np: parallel slots (concurrent requests)",
-            allowed="a positive integer", check=_positive),
-    Setting("flash_attn", (str,), "on", "-fa: flash attention (required for a quantized V cache)",
-            choices=ON_OFF_AUTO),
-    Setting("cache_type_k", (str,), "f16", "-ctk: K cache type", choices=CACHE_TYPES),
-    Setting("cache_type_v", (str,), "f16", "-ctv: V cache type", choices=CACHE_TYPES),
-    Setting("load_mode", (str,), "mmap+mlock",
-            "--load-mode (the guide's --mlock is mmap+mlock at the pinned commit)", choices=LOAD_MODES),
-    Setting("reasoning", (str,), "auto", "--reasoning: thinking on, off or per request",
-            choices=ON_OFF_AUTO),
-    Setting("reasoning_format", (str,), None, "--reasoning-format (the guide's main service: deepseek)",
-            choices=REASONING_FORMATS),
-    Setting("reasoning_budget", (int,), None, "--reasoning-budget: thinking token cap (-1 unlimited)",
-            allowed="an integer >= -1", check=lambda v: v >= -1),
-    Setting("threads", (int,), None, "-t: CPU threads for generation; unset lets llama.cpp choose",
-            allowed="a positive integer", check=_positive),
-    Setting("metrics", (bool,), True, "--metrics: Prometheus /metrics endpoint"),
-    Setting("alias", (str,), None, "--alias: model name reported by the API"),
-    Setting("gpus", (list,), None, "GPU indexes the service may use (CUDA_VISIBLE_DEVICES)",
-            allowed="a list of non-negative integers", check=_gpu_indexes),
-    Setting("api_key_file", (str,), None,
-            "controller path of a file holding this service's API key; unset: generated on the host",
-            allowed="an absolute path", check=_abs_path),
-    Setting("allow_public_without_key", (bool,), False,
-            "allow a non-loopback bind with the API key disabled (api_key: false)"),
-    Setting("api_key", (bool,), True,
-            "require an API key (true) or serve without one (false); keys themselves never go here"),
-    Setting("extra_args", (list,), (), "extra llama-server arguments, checked against --help",
-            allowed="a list of strings", check=_str_list),
-)
-
-MODEL_SETTINGS: tuple[Setting, ...] = (
-    Setting("profile", (str,), None, "a built-in model profile from the guide",
-            choices=tuple(profiles.PROFILES)),
-    Setting("source", (str,), "hf", "where the file comes from", choices=MODEL_SOURCES),
-    Setting("path", (str,), None, "controller path of the GGUF (source local)",
-            allowed="an absolute path", check=_abs_path),
-    Setting("sha256", (str,), None, "expected sha256 (source local; computed when unset)",
-            allowed="64 lowercase hex digits", check=lambda v: bool(SHA256_RE.match(v))),
-    Setting("repo", (str,), None, "Hugging Face repo, owner/name (source hf or mirror)",
-            allowed="owner/name", check=lambda v: bool(re.match(r"^[\w.-]+/[\w.-]+$", v))),
-    Setting("revision", (str,), "main", "branch, tag or commit of the repo"),
-    Setting("file", (str,), None, "GGUF file in the repo (the first shard of a split GGUF)",
-            allowed="a path inside the repo (no leading /, no ..)", check=_repo_file),
-    Setting("mmproj", (str,), None, "vision projector file in the same repo (--mmproj)",
-            allowed="a path inside the repo (no leading /, no ..), or a controller path for "
-                    "source local"),
-    Setting("endpoint", (str,), None, "HF_ENDPOINT-style base URL (source mirror)",
-            allowed="an http(s) URL", check=lambda v: v.startswith(("http://", "https://"))),
-    Setting("token_file", (str,), None,
-            "controller path of a file holding the HF token (else HF_TOKEN from the environment)",
-            allowed="an absolute path", check=_abs_path),
-)
-
-SECRET_KEYS = {"api_key_value", "key", "token", "hf_token", "password", "secret"}
+def setting(default: Any, meaning: str, *, types: tuple[type, ...], allowed: str = "",
+            check: Callable[[Any], bool] | None = None, choices: tuple[Any, ...] = (),
+            convert: Callable[[Any], Any] | None = None) -> Any:
+    """A setting, declared once as the field of the typed object it fills: its default, its
+    meaning, the type it has in host data and its check. The validation, the README tables
+    (python -m llmhost.docs) and the typed objects all come from these fields. ``convert``
+    turns the value of host data into the field's (a list into a tuple, say)."""
+    return field(default=default, metadata={"setting": {
+        "types": types, "meaning": meaning, "allowed": allowed, "check": check,
+        "choices": choices, "convert": convert}})
 
 
-def host_default(name: str):
-    """The default of a host setting, for code that reads host data without validating it."""
-    return next(s.default for s in HOST_SETTINGS if s.name == name)
+def settings_of(cls, prefix: str = "") -> tuple[Setting, ...]:
+    """The Setting of every field of ``cls`` declared with setting(), in declaration order."""
+    return tuple(
+        Setting(prefix + f.name, m["types"], f.default, m["meaning"], m["allowed"], m["check"],
+                m["choices"])
+        for f in fields(cls) if (m := f.metadata.get("setting")))
 
 
-def manifest_path(data: Mapping[str, Any]) -> str:
-    """Where the deploy writes its manifest on a host (read by tests/host, verify, bench)."""
-    config_dir = data.get("llm_config_dir") or host_default("llm_config_dir")
-    return f"{str(config_dir).rstrip('/')}/llmhost.json"
+def _typed(cls, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Field name -> value for ``cls`` from validated host data (keys with ``prefix``)."""
+    out = {}
+    for f in fields(cls):
+        meta = f.metadata.get("setting")
+        if meta and prefix + f.name in values:
+            value = values[prefix + f.name]
+            out[f.name] = meta["convert"](value) if meta["convert"] and value is not None else value
+    return out
+
+
+def _folder(v: str) -> str:
+    return v.rstrip("/")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    source: str
-    path: str | None = None
-    sha256: str | None = None
-    repo: str | None = None
-    revision: str = "main"
-    file: str | None = None
-    mmproj: str | None = None
-    endpoint: str | None = None
-    token_file: str | None = None
-    profile: str | None = None
+    """A service's model: llm_services.<name>.model."""
+
+    profile: str | None = setting(None, "a built-in model profile from the guide", types=(str,),
+                                  choices=tuple(profiles.PROFILES))
+    source: str = setting("hf", "where the file comes from", types=(str,), choices=MODEL_SOURCES)
+    path: str | None = setting(None, "controller path of the GGUF (source local)", types=(str,),
+                               allowed="an absolute path", check=_abs_path)
+    sha256: str | None = setting(None, "expected sha256 (source local; computed when unset)",
+                                 types=(str,), allowed="64 lowercase hex digits",
+                                 check=lambda v: bool(SHA256_RE.match(v)))
+    repo: str | None = setting(None, "Hugging Face repo, owner/name (source hf or mirror)",
+                               types=(str,), allowed="owner/name",
+                               check=lambda v: bool(re.match(r"^[\w.-]+/[\w.-]+$", v)))
+    revision: str = setting("main", "branch, tag or commit of the repo", types=(str,))
+    file: str | None = setting(None, "GGUF file in the repo (the first shard of a split GGUF)",
+                               types=(str,), allowed="a path inside the repo (no leading /, no ..)",
+                               check=_repo_file)
+    mmproj: str | None = setting(None, "vision projector file in the same repo (--mmproj)",
+                                 types=(str,),
+                                 allowed="a path inside the repo (no leading /, no ..), or a "
+                                         "controller path for source local")
+    endpoint: str | None = setting(None, "HF_ENDPOINT-style base URL (source mirror)", types=(str,),
+                                   allowed="an http(s) URL",
+                                   check=lambda v: v.startswith(("http://", "https://")))
+    token_file: str | None = setting(None, "controller path of a file holding the HF token (else "
+                                           "HF_TOKEN from the environment)", types=(str,),
+                                     allowed="an absolute path", check=_abs_path)
 
     @property
     def filename(self) -> str:
@@ -318,28 +235,56 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    name: str
-    port: int
-    model: ModelSpec
-    host: str = "127.0.0.1"
-    gpu_layers: int = 0
-    ctx_size: int = 4096
-    parallel: int = 4
-    flash_attn: str = "on"
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    load_mode: str = "mmap+mlock"
-    reasoning: str = "auto"
-    reasoning_format: str | None = None
-    reasoning_budget: int | None = None
-    threads: int | None = None
-    metrics: bool = True
-    alias: str | None = None
-    gpus: tuple[int, ...] | None = None
-    api_key_file: str | None = None
-    allow_public_without_key: bool = False
-    api_key: bool = True
-    extra_args: tuple[str, ...] = ()
+    """One llama-server service: llm_services.<name>."""
+
+    # port and model are required (validation says so); None only as the declared default.
+    port: int = setting(None, "TCP port llama-server listens on (required)", types=(int,),
+                        allowed="an integer from 1 to 65535", check=_port)
+    host: str = setting("127.0.0.1", "address llama-server binds; loopback unless a key is set",
+                        types=(str,), allowed="an IP address", check=_ip)
+    model: ModelSpec = setting(None, "the model to serve (see the model settings; required)",
+                               types=(dict,))
+    gpu_layers: int = setting(0, "-ngl: layers offloaded to the GPU; 0 is a CPU-only service",
+                              types=(int,), allowed="a non-negative integer", check=_non_negative)
+    ctx_size: int = setting(4096, "-c: total context, shared by the slots", types=(int,),
+                            allowed="a positive integer", check=_positive)
+    parallel: int = setting(4, "-np: parallel slots (concurrent requests)", types=(int,),
+                            allowed="a positive integer", check=_positive)
+    flash_attn: str = setting("on", "-fa: flash attention (required for a quantized V cache)",
+                              types=(str,), choices=ON_OFF_AUTO)
+    cache_type_k: str = setting("f16", "-ctk: K cache type", types=(str,), choices=CACHE_TYPES)
+    cache_type_v: str = setting("f16", "-ctv: V cache type", types=(str,), choices=CACHE_TYPES)
+    load_mode: str = setting("mmap+mlock", "--load-mode (the guide's --mlock is mmap+mlock at the "
+                                           "pinned commit)", types=(str,), choices=LOAD_MODES)
+    reasoning: str = setting("auto", "--reasoning: thinking on, off or per request", types=(str,),
+                             choices=ON_OFF_AUTO)
+    reasoning_format: str | None = setting(None, "--reasoning-format (the guide's main service: "
+                                                 "deepseek)", types=(str,),
+                                           choices=REASONING_FORMATS)
+    reasoning_budget: int | None = setting(None, "--reasoning-budget: thinking token cap (-1 "
+                                                 "unlimited)", types=(int,),
+                                           allowed="an integer >= -1", check=lambda v: v >= -1)
+    threads: int | None = setting(None, "-t: CPU threads for generation; unset lets llama.cpp "
+                                        "choose", types=(int,), allowed="a positive integer",
+                                  check=_positive)
+    metrics: bool = setting(True, "--metrics: Prometheus /metrics endpoint", types=(bool,))
+    alias: str | None = setting(None, "--alias: model name reported by the API", types=(str,))
+    gpus: tuple[int, ...] | None = setting(None, "GPU indexes the service may use "
+                                                 "(CUDA_VISIBLE_DEVICES)", types=(list,),
+                                           allowed="a list of non-negative integers",
+                                           check=_gpu_indexes, convert=tuple)
+    api_key_file: str | None = setting(None, "controller path of a file holding this service's "
+                                             "API key; unset: generated on the host", types=(str,),
+                                       allowed="an absolute path", check=_abs_path)
+    allow_public_without_key: bool = setting(False, "allow a non-loopback bind with the API key "
+                                                    "disabled (api_key: false)", types=(bool,))
+    api_key: bool = setting(True, "require an API key (true) or serve without one (false); keys "
+                                  "themselves never go here", types=(bool,))
+    extra_args: tuple[str, ...] = setting((), "extra llama-server arguments, checked against "
+                                              "--help", types=(list,), allowed="a list of strings",
+                                          check=_str_list, convert=tuple)
+    # Not settings: the name is llm_services' key, the warnings come from the checks.
+    name: str = ""
     warnings: tuple[str, ...] = ()
 
     @property
@@ -362,25 +307,72 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class HostSettings:
-    host_name: str
-    llamacpp_source: str
-    llamacpp_git_url: str
-    llamacpp_commit: str
-    llamacpp_build_number: int
-    llamacpp_local_path: str | None
-    install_dir: str
-    model_dir: str
-    config_dir: str
-    service_user: str
-    build_jobs: int
-    cuda_architectures: tuple[str, ...] | None
-    cuda_toolkit_install: bool
-    cuda_toolkit_version: str
-    download_connections: int
-    keep_previous: int
-    health_timeout: int
-    services: tuple[ServiceSpec, ...] = field(default_factory=tuple)
-    # False for a host without llm_services (a web server in the same inventory): left alone.
+    """A host's settings: the host-data keys llm_<field>. Defaults are the guide's choices where
+    the guide made one."""
+
+    llamacpp_source: str = setting("git", "where llama.cpp comes from: git (clone "
+                                          "llm_llamacpp_git_url on the host) or local "
+                                          "(llm_llamacpp_local_path on the controller, pushed to "
+                                          "the host)", types=(str,), choices=LLAMACPP_SOURCES)
+    llamacpp_git_url: str = setting("https://github.com/ggml-org/llama.cpp",
+                                    "git URL the host clones llama.cpp from (source git)",
+                                    types=(str,))
+    llamacpp_commit: str = setting(PINNED_COMMIT, "full llama.cpp commit sha to build; the default "
+                                                  "is the commit CI builds", types=(str,),
+                                   allowed="a full 40-character lowercase commit sha",
+                                   check=lambda v: bool(COMMIT_RE.match(v)))
+    llamacpp_build_number: int = setting(PINNED_BUILD_NUMBER, "llama.cpp build number passed to "
+                                                              "cmake (a shallow clone cannot count "
+                                                              "it)", types=(int,),
+                                         allowed="a non-negative integer", check=_non_negative)
+    llamacpp_local_path: str | None = setting(None, "controller path of a llama.cpp .tar.gz or git "
+                                                    "checkout (source local)", types=(str,),
+                                              allowed="an absolute path", check=_abs_path)
+    install_dir: str = setting("/opt/llama.cpp", "host directory for llama.cpp sources, builds and "
+                                                 "the shared ccache", types=(str,),
+                               allowed=OWN_FOLDER, check=_own_folder, convert=_folder)
+    model_dir: str = setting("/var/lib/llama-models", "host directory for model files, one folder "
+                                                      "per model version", types=(str,),
+                             allowed=OWN_FOLDER, check=_own_folder, convert=_folder)
+    config_dir: str = setting("/etc/llama", "host directory for API keys and staged units",
+                              types=(str,), allowed=OWN_FOLDER, check=_own_folder, convert=_folder)
+    service_user: str = setting("llama", "system user (and group) the services run as",
+                                types=(str,),
+                                allowed="a lowercase user name other than root (the units' "
+                                        "hardening assumes an unprivileged user)",
+                                check=lambda v: bool(re.match(r"^[a-z_][a-z0-9_-]{0,30}$", v))
+                                and v != "root")
+    build_jobs: int = setting(0, "parallel compile jobs for the llama.cpp build; 0 means one per "
+                                 "CPU", types=(int,), allowed="a non-negative integer",
+                              check=_non_negative)
+    cuda_architectures: tuple[str, ...] | None = setting(
+        None, "CUDA archs to build for (e.g. ['120a', '89']); unset means computed from the GPUs "
+              "present", types=(list,), allowed="a list of arch strings like '90', '89' or '120a'",
+        check=_arch_list, convert=tuple)
+    cuda_toolkit_install: bool = setting(False, "install NVIDIA's CUDA toolkit from its apt "
+                                                "repository (the driver is never touched)",
+                                         types=(bool,))
+    cuda_toolkit_version: str = setting("12-8", "the cuda-toolkit-X-Y package to install when "
+                                                "llm_cuda_toolkit_install is true", types=(str,),
+                                        allowed="a version like '12-8'",
+                                        check=lambda v: bool(re.match(r"^\d+-\d+$", v)))
+    download_connections: int = setting(8, "parallel ranged connections per model download (1 for "
+                                           "a single stream)", types=(int,),
+                                        allowed="an integer from 1 to 32",
+                                        check=lambda v: 1 <= v <= 32)
+    keep_previous: int = setting(1, "builds and model versions kept on the host beyond those a unit "
+                                    "or its rollback target uses, newest first, each kind; older "
+                                    "ones are removed", types=(int,),
+                                 allowed="a non-negative integer", check=_non_negative)
+    health_timeout: int = setting(300, "seconds a restarted service may take to answer /health 200 "
+                                       "before it is rolled back", types=(int,),
+                                  allowed="a positive integer", check=_positive)
+    services: tuple[ServiceSpec, ...] = setting(None, "the llama-server services of this host, by "
+                                                      "name (see the service settings)",
+                                                types=(dict,))
+    # Not settings: which host, and whether it has llm_services at all (a web server in the same
+    # inventory has none, and is left alone).
+    host_name: str = ""
     managed: bool = True
 
     @property
@@ -394,6 +386,23 @@ class HostSettings:
         pairs = {"f16-f16"} | {f"{s.cache_type_k}-{s.cache_type_v}" for s in self.services
                                if s.uses_gpu}
         return tuple(sorted(pairs))
+
+
+HOST_SETTINGS = settings_of(HostSettings, prefix=PREFIX)
+SERVICE_SETTINGS = settings_of(ServiceSpec)
+MODEL_SETTINGS = settings_of(ModelSpec)
+SECRET_KEYS = {"api_key_value", "key", "token", "hf_token", "password", "secret"}
+
+
+def host_default(name: str):
+    """The default of a host setting, for code that reads host data without validating it."""
+    return next(s.default for s in HOST_SETTINGS if s.name == name)
+
+
+def manifest_path(data: Mapping[str, Any]) -> str:
+    """Where the deploy writes its manifest on a host (read by tests/host, verify, bench)."""
+    config_dir = data.get("llm_config_dir") or host_default("llm_config_dir")
+    return f"{str(config_dir).rstrip('/')}/llmhost.json"
 
 
 def _validate_block(where: str, data: Mapping[str, Any], settings: tuple[Setting, ...],
@@ -499,7 +508,7 @@ def _load_model(where: str, raw: Any, problems: list[str]) -> ModelSpec | None:
                         f"repo (no leading /, no ..)")
     if len(problems) > before:
         return None
-    return ModelSpec(**values)
+    return ModelSpec(**_typed(ModelSpec, values))
 
 
 def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> ServiceSpec | None:
@@ -541,9 +550,8 @@ def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> S
         for key, t in (("cache_type_k", values["cache_type_k"]), ("cache_type_v", values["cache_type_v"]))
         if t in CACHE_TYPE_WARNINGS
     )
-    values["gpus"] = tuple(values["gpus"]) if values["gpus"] is not None else None
-    values["extra_args"] = tuple(values["extra_args"])
-    return ServiceSpec(name=name, model=model, warnings=warnings, **values)
+    return ServiceSpec(**{**_typed(ServiceSpec, values), "model": model}, name=name,
+                       warnings=warnings)
 
 
 def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
@@ -572,28 +580,9 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
                         f"controller path of a llama.cpp tarball or git checkout for source 'local'")
     if problems:
         raise SettingsError(problems)
-    arches = values["llm_cuda_architectures"]
-    return HostSettings(
-        host_name=host_name,
-        llamacpp_source=values["llm_llamacpp_source"],
-        llamacpp_git_url=values["llm_llamacpp_git_url"],
-        llamacpp_commit=values["llm_llamacpp_commit"],
-        llamacpp_build_number=values["llm_llamacpp_build_number"],
-        llamacpp_local_path=values["llm_llamacpp_local_path"],
-        install_dir=values["llm_install_dir"].rstrip("/"),
-        model_dir=values["llm_model_dir"].rstrip("/"),
-        config_dir=values["llm_config_dir"].rstrip("/"),
-        service_user=values["llm_service_user"],
-        build_jobs=values["llm_build_jobs"],
-        cuda_architectures=tuple(arches) if arches is not None else None,
-        cuda_toolkit_install=values["llm_cuda_toolkit_install"],
-        cuda_toolkit_version=values["llm_cuda_toolkit_version"],
-        download_connections=values["llm_download_connections"],
-        keep_previous=values["llm_keep_previous"],
-        health_timeout=values["llm_health_timeout"],
-        services=tuple(services),
-        managed="llm_services" in ours,
-    )
+    typed = _typed(HostSettings, values, prefix=PREFIX)
+    return HostSettings(**{**typed, "services": tuple(services)}, host_name=host_name,
+                        managed="llm_services" in ours)
 
 
 def load_inventory_settings(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, HostSettings]:
