@@ -36,7 +36,6 @@ import ipaddress
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import statistics
@@ -54,8 +53,6 @@ MANIFEST = "/etc/llama/llmhost.json"
 # The guide's K/V table (section 3.2), in its order.
 GUIDE_KV_PAIRS = (("f16", "f16"), ("q4_0", "q8_0"), ("q4_0", "q4_0"), ("q5_0", "q5_0"),
                   ("iq4_nl", "iq4_nl"))
-# ggml's GGML_CUDA_FA_QUANTS default, for CUDA builds that did not set it.
-CUDA_FA_DEFAULT_PAIRS = ("q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16")
 # The guide's long-context points (section 3.4): tested too whenever they fit the slot.
 GUIDE_CONTEXT_POINTS = (9_000, 53_000, 107_000, 178_000)
 DECODE_PROMPT = "The capital of France is"
@@ -71,63 +68,14 @@ def log(message: str) -> None:
 
 # -- small pure helpers (unit-tested on the controller) --------------------------------------
 
-def parse_server_argv(argv: list[str]) -> dict:
-    """The llama-server options that matter here, from its argv (the unit's ExecStart)."""
-    names = {
-        "-c": "ctx_size", "--ctx-size": "ctx_size",
-        "-np": "parallel", "--parallel": "parallel",
-        "-ngl": "gpu_layers", "--gpu-layers": "gpu_layers", "--n-gpu-layers": "gpu_layers",
-        "-fa": "flash_attn", "--flash-attn": "flash_attn",
-        "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k",
-        "-ctv": "cache_type_v", "--cache-type-v": "cache_type_v",
-        "-t": "threads", "--threads": "threads",
-        "-rea": "reasoning", "--reasoning": "reasoning",
-        "-m": "model", "--model": "model",
-        "--load-mode": "load_mode",
-    }
-    integers = {"ctx_size", "parallel", "gpu_layers", "threads"}
-    found: dict = {}
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        key, value = arg, None
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg.split("=", 1)
-        if key in names:
-            if value is None and i + 1 < len(argv):
-                value = argv[i + 1]
-                i += 1
-            if value is not None:
-                name = names[key]
-                if name in integers:
-                    try:
-                        found[name] = int(value)
-                    except ValueError:
-                        pass
-                else:
-                    found[name] = value
-        i += 1
-    return found
-
-
-def compiled_fa_pairs(cmake_flags: list[str], gpu_layers: int) -> list[str] | None:
-    """The K/V pairs with a flash-attention kernel in this build; None means every pair (CPU
-    builds and CPU-only services compute every type on the CPU)."""
-    flags = {}
-    for flag in cmake_flags:
-        if flag.startswith("-D") and "=" in flag:
-            name, value = flag[2:].split("=", 1)
-            flags[name] = value
-    if gpu_layers <= 0 or flags.get("GGML_CUDA", "OFF").upper() not in ("ON", "1", "TRUE"):
+def compiled_fa_pairs(llama: dict, gpu_layers: int) -> list[str] | None:
+    """The K/V pairs with a flash-attention kernel in this build, as "k-v", from the manifest's
+    record of the build; None means every pair (a CPU build, or a CPU-only service: the CPU
+    computes every type)."""
+    pairs = llama.get("fa_pairs") or []
+    if gpu_layers <= 0 or not pairs:
         return None
-    if flags.get("GGML_CUDA_FA_ALL_QUANTS", "OFF").upper() in ("ON", "1", "TRUE"):
-        return None
-    quants = flags.get("GGML_CUDA_FA_QUANTS")
-    if quants is None:
-        return list(CUDA_FA_DEFAULT_PAIRS)
-    if quants.strip().lower() == "all":
-        return None
-    return [p.strip() for p in re.split(r"[;,]", quants) if p.strip()]
+    return [f"{k}-{v}" for k, v in pairs]
 
 
 def needle_sizes(per_slot: int, reserve: int) -> list[int]:
@@ -393,14 +341,6 @@ def listener_pid(port: int) -> int:
     return 0
 
 
-def process_argv(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def rss_mib(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -534,42 +474,37 @@ class Bench:
             pid_source = f"the listener of port {url.port} (systemd is not PID 1 here)"
             log(f"service {s['name']}: no systemd: its process is {pid_source}: "
                 f"{self.pid or 'not found (run as root, or pass --pid)'}")
-        argv = process_argv(self.pid) if self.pid else []
-        flags = parse_server_argv(argv)
         status, props = self.server.get("/props")
         if status != 200 or not isinstance(props, dict):
             props = {}
         generation = props.get("default_generation_settings") or {}
-        ctx_size = s.get("ctx_size") or flags.get("ctx_size")
-        parallel = s.get("parallel") or props.get("total_slots") or flags.get("parallel")
-        per_slot = generation.get("n_ctx") or (ctx_size // parallel if ctx_size and parallel else None)
-        llama = self.manifest.get("llama_cpp", {})
-        build_dir = llama.get("build_dir") or os.path.dirname(os.path.dirname(llama.get("server", "")))
-        gpu_layers = s.get("gpu_layers", flags.get("gpu_layers", 0)) or 0
+        # What the deploy intended, from its manifest; only the per-slot context is the server's.
+        ctx_size, parallel = s["ctx_size"], s["parallel"]
+        per_slot = generation.get("n_ctx") or ctx_size // parallel
+        llama = self.manifest["llama_cpp"]
+        build_dir = llama["build_dir"]
+        gpu_layers = s["gpu_layers"]
         template = props.get("chat_template") or ""
-        model_path = s.get("model_path") or flags.get("model")
+        model_path = s["model_path"]
         self.uses_gpu = gpu_layers > 0
         self.gpus = s.get("gpus")
         self.per_slot = per_slot
         self.slots = parallel
-        self.flags = flags
-        self.bench_binary = os.path.join(build_dir, "bin", "llama-bench")
+        self.bench_binary = llama["bench"]
         self.result["service"] = {
             "name": s["name"], "unit": s["unit"], "address": self.address, "port": url.port,
             "base_url": self.base, "main_pid": self.pid, "pid_source": pid_source,
             "model_path": model_path, "model_file": os.path.basename(model_path or ""),
             "model_bytes": os.path.getsize(model_path) if model_path and os.path.exists(model_path) else None,
             "gpu_layers": gpu_layers, "gpus": self.gpus,
-            "cache_type_k": s.get("cache_type_k") or flags.get("cache_type_k", "f16"),
-            "cache_type_v": s.get("cache_type_v") or flags.get("cache_type_v", "f16"),
+            "cache_type_k": s["cache_type_k"], "cache_type_v": s["cache_type_v"],
             "ctx_size": ctx_size, "parallel": parallel, "per_slot_ctx": per_slot,
-            "flash_attn": s.get("flash_attn") or flags.get("flash_attn"),
-            "reasoning": s.get("reasoning") or flags.get("reasoning", "auto"),
-            "threads": flags.get("threads"), "load_mode": s.get("load_mode") or flags.get("load_mode"),
+            "flash_attn": s["flash_attn"], "reasoning": s["reasoning"],
+            "threads": s["threads"], "load_mode": s["load_mode"],
             "chat_template_has_thinking": has_thinking(template),
             "build_info": props.get("build_info"),
         }
-        fa = compiled_fa_pairs(llama.get("cmake_flags", []), gpu_layers)
+        fa = compiled_fa_pairs(llama, gpu_layers)
         self.compiled_pairs = fa
         self.result["llama_cpp"] = {
             "commit": llama.get("commit"), "build_dir": build_dir, "server": llama.get("server"),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from llmhost import bench_reference, bench_report, data_dir
 from llmhost.inventory import InventoryError, InventoryHost, enable_output, load_inventory
+from llmhost.manifest import Manifest, ManifestError
 from llmhost.services import MANIFEST_NAME
 from llmhost.settings import load_host_settings
 
@@ -52,12 +53,15 @@ def helper_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def read_manifest(host: InventoryHost, config_dir: str) -> dict:
+def read_manifest(host: InventoryHost, config_dir: str) -> Manifest:
     path = f"{config_dir.rstrip('/')}/{MANIFEST_NAME}"
     buffer = io.BytesIO()
     if not host.get(path, buffer):
         raise RuntimeError(f"cannot read {path}: was deploy.py run to completion on {host.name}?")
-    return json.loads(buffer.getvalue().decode())
+    try:
+        return Manifest.from_json(buffer.getvalue().decode())
+    except ManifestError as error:
+        raise RuntimeError(f"{path}: {error}") from None
 
 
 def bench_host(host: InventoryHost, args: argparse.Namespace) -> dict:
@@ -66,7 +70,7 @@ def bench_host(host: InventoryHost, args: argparse.Namespace) -> dict:
     config_dir = load_host_settings(host.name, host.data).config_dir
     with host:
         manifest = read_manifest(host, config_dir)
-        names = [s["name"] for s in manifest.get("services", [])]
+        names = [s.name for s in manifest.services]
         if args.service:
             missing = [n for n in args.service if n not in names]
             if missing:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from io import StringIO
 
@@ -13,6 +12,7 @@ from pyinfra.operations import files
 
 from llmhost import base, cuda, gpu, llamacpp, preflight, retention, services, timing, weights
 from llmhost.facts import JsonFile, KeyAccepted
+from llmhost.manifest import Manifest
 
 logger = logging.getLogger("llmhost")
 
@@ -113,7 +113,7 @@ def llama_server() -> None:
                            rendered=rendered, keep_previous=settings.keep_previous)
 
     # Last, so it only describes a host whose every step above succeeded.
-    manifest = services.host_manifest(settings, build, models, rendered)
-    files.put(name="Manifest for tests/host", src=StringIO(json.dumps(manifest, indent=1) + "\n"),
+    manifest = Manifest.for_deploy(settings, build, models, rendered)
+    files.put(name="Manifest for tests/host", src=StringIO(manifest.to_json()),
               dest=manifest_file, user="root", group="root", mode="644")
 

@@ -35,8 +35,12 @@ DRIVER_FOR_TOOLKIT: tuple[tuple[tuple[int, int], str], ...] = (
 # K/V types ggml can compile flash-attention vector kernels for (ggml/cmake/common.cmake
 # FA_TYPES at the pinned commit). Any other type in GGML_CUDA_FA_QUANTS is a cmake FATAL_ERROR.
 FA_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16")
+# A flash-attention K/V pair: (K type, V type). One type everywhere; fa_quants() is the one place
+# that writes it for cmake ("q4_0-q8_0;..."), system_info_fa_pairs() the one that reads it back.
+KVPair = tuple[str, str]
+F16 = ("f16", "f16")
 # ggml's default list, for builds that want what upstream compiles plus their own pairs.
-FA_DEFAULT_PAIRS = ("q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16")
+FA_DEFAULT_PAIRS = (("q4_0", "q4_0"), ("q8_0", "q8_0"), F16, ("bf16", "bf16"))
 
 DEFAULT_TOOLKIT = (12, 8)  # llm_cuda_toolkit_version's default, "12-8"
 
@@ -378,27 +382,35 @@ def system_info_archs(archs: Iterable[str]) -> str:
     return ",".join(str(n * 10) for n in sorted({_arch_number(a) for a in archs}))
 
 
-def fa_quants(pairs: Iterable[str]) -> str:
-    """GGML_CUDA_FA_QUANTS for these "K-V" pairs: f16-f16 first, then the rest sorted.
+def compiled_fa_pairs(pairs: Iterable[KVPair]) -> tuple[KVPair, ...]:
+    """The pairs a build compiles for services needing ``pairs``: f16/f16 first, then the rest
+    sorted. Pairs ggml cannot compile (f32, iq4_nl) are left out: naming them fails the
+    configure, and llama.cpp converts them at run time anyway (see uncompilable_fa_pairs)."""
+    pairs = list(pairs)
+    wanted = set(pairs) - set(uncompilable_fa_pairs(pairs)) - {F16}
+    return (F16, *sorted(wanted))
 
-    Pairs ggml cannot compile (f32, iq4_nl) are left out: naming them fails the configure, and
-    llama.cpp converts them at run time anyway (see uncompilable_fa_pairs).
-    """
-    wanted = set(pairs) - set(uncompilable_fa_pairs(pairs)) - {"f16-f16"}
-    return ";".join(["f16-f16", *sorted(wanted)])
+
+def fa_quants(pairs: Iterable[KVPair]) -> str:
+    """GGML_CUDA_FA_QUANTS for these pairs ("f16-f16;q4_0-q8_0")."""
+    return ";".join(f"{k}-{v}" for k, v in compiled_fa_pairs(pairs))
 
 
-def uncompilable_fa_pairs(pairs: Iterable[str]) -> list[str]:
+def system_info_fa_pairs(system_info: str) -> tuple[KVPair, ...] | None:
+    """The pairs llama.cpp's system_info line lists as compiled ("FA_QUANTS = f16-f16,q4_0-q8_0"),
+    or None when it lists none (a CPU build)."""
+    match = re.search(r"FA_QUANTS = ([^|]+)", system_info)
+    if not match:
+        return None
+    return tuple(tuple(item.strip().split("-", 1)) for item in match.group(1).split(",") if "-" in item)
+
+
+def uncompilable_fa_pairs(pairs: Iterable[KVPair]) -> list[KVPair]:
     """Pairs with a type ggml has no flash-attention vector kernel for."""
-    out = []
-    for pair in pairs:
-        k, _, v = pair.partition("-")
-        if k not in FA_TYPES or v not in FA_TYPES:
-            out.append(pair)
-    return sorted(set(out))
+    return sorted({(k, v) for k, v in pairs if k not in FA_TYPES or v not in FA_TYPES})
 
 
-def cuda_cmake_flags(nvcc_path: str, archs: Sequence[str], fa_pairs: Iterable[str]) -> list[str]:
+def cuda_cmake_flags(nvcc_path: str, archs: Sequence[str], fa_pairs: Iterable[KVPair]) -> list[str]:
     """cmake -D arguments for a CUDA build; each is one argv word (quote it for a shell:
     the lists hold ';')."""
     if not archs:
@@ -495,7 +507,7 @@ def fa_pair_warnings(host_name: str, settings: HostSettings) -> list[str]:
         f"CUDA flash-attention kernel in llama.cpp: it runs converted to f16 (slow); use types "
         f"from {', '.join(FA_TYPES)}"
         for s in settings.services
-        if s.uses_gpu and uncompilable_fa_pairs([f"{s.cache_type_k}-{s.cache_type_v}"])
+        if s.uses_gpu and uncompilable_fa_pairs([(s.cache_type_k, s.cache_type_v)])
     ]
 
 

@@ -52,6 +52,8 @@ class Build:
     # Fragments system_info must show before the build is used (CUDA archs, FA pairs, FP4).
     expected_system_info: tuple[str, ...] = ()
     nvcc: str | None = None
+    archs: tuple[str, ...] = ()                  # CUDA archs compiled; () for a CPU build
+    fa_pairs: tuple[tuple[str, str], ...] = ()   # flash-attention (K, V) pairs compiled
 
     @property
     def server_binary(self) -> str:
@@ -73,7 +75,8 @@ def cmake_flags(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> 
 
 
 def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
-               expected_system_info: tuple[str, ...] = (), nvcc: str | None = None) -> Build:
+               expected_system_info: tuple[str, ...] = (), nvcc: str | None = None,
+               archs: tuple[str, ...] = (), fa_pairs: tuple[tuple[str, str], ...] = ()) -> Build:
     flags = cmake_flags(settings, backend_flags)
     key = hashlib.sha256("\n".join(flags + TARGETS).encode()).hexdigest()[:8]
     base = settings.install_dir
@@ -83,6 +86,8 @@ def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
         cmake_flags=flags,
         expected_system_info=expected_system_info,
         nvcc=nvcc,
+        archs=archs,
+        fa_pairs=fa_pairs,
     )
 
 
@@ -100,7 +105,8 @@ def plan_for_host(settings: HostSettings, facts: gpu.GpuFacts) -> Build:
         # pinned commit): never on an H100 or H200.
         expected.append("BLACKWELL_NATIVE_FP4=1")
     return plan_build(settings, tuple(gpu.cuda_cmake_flags(toolkit.path, archs, settings.fa_pairs)),
-                      tuple(expected), toolkit.path)
+                      tuple(expected), toolkit.path, tuple(archs),
+                      gpu.compiled_fa_pairs(settings.fa_pairs))
 
 
 def local_source_tarball(settings: HostSettings) -> str:

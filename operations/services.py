@@ -184,37 +184,3 @@ def argv_options(settings: HostSettings, service: ServiceSpec, build: Build, mod
 
 
 MANIFEST_NAME = manifest_path({}).rsplit("/", 1)[1]
-
-
-def host_manifest(settings: HostSettings, build: Build, models: dict[str, PlacedModel],
-                  rendered: dict[str, str]) -> dict:
-    """What this deploy promised, written on the host for tests/host to check (no secrets):
-    verify compares the unit file, the running argv and the files on disk with it."""
-    return {
-        "llama_cpp": {"commit": settings.llamacpp_commit, "build_dir": build.build_dir,
-                      "server": build.server_binary, "cmake_flags": list(build.cmake_flags),
-                      # For tests/host/test_gpu.py: the toolkit built with, what system_info must show.
-                      "nvcc": build.nvcc, "expected_system_info": list(build.expected_system_info)},
-        "service_user": settings.service_user,
-        "services": [
-            {
-                "name": s.name,
-                "unit": s.unit_name,
-                "host": s.host,
-                "port": s.port,
-                "health_url": s.health_url,
-                "api_key_file": key_path(settings, s),
-                "gpu_layers": s.gpu_layers,
-                "gpus": list(s.gpus) if s.gpus is not None else None,
-                "cache_type_k": s.cache_type_k,
-                "cache_type_v": s.cache_type_v,
-                "load_mode": s.load_mode,
-                "model_path": models[s.name].model_path,
-                "unit_sha256": hashlib.sha256(rendered[s.unit_name].encode()).hexdigest(),
-                "argv": server_argv(s, unit_paths(settings, s, build, models[s.name])),
-                "files": [{"path": f.dest, "sha256": f.sha256, "size": f.size}
-                          for f in models[s.name].files],
-            }
-            for s in settings.services
-        ],
-    }

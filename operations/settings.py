@@ -380,11 +380,11 @@ class HostSettings:
         return any(s.uses_gpu for s in self.services)
 
     @property
-    def fa_pairs(self) -> tuple[str, ...]:
-        """K/V pairs the GPU services need, always with f16-f16 (the unquantized default). CPU
+    def fa_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(K, V) pairs the GPU services need, always with f16/f16 (the unquantized default). CPU
         services compute any pair on the CPU: their K/V types never change the CUDA build."""
-        pairs = {"f16-f16"} | {f"{s.cache_type_k}-{s.cache_type_v}" for s in self.services
-                               if s.uses_gpu}
+        pairs = {("f16", "f16")} | {(s.cache_type_k, s.cache_type_v) for s in self.services
+                                    if s.uses_gpu}
         return tuple(sorted(pairs))
 
 

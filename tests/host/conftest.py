@@ -8,10 +8,9 @@ Each check loops over the host's services and reports every failing service by n
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from llmhost.manifest import Manifest, ManifestError
 from llmhost.settings import manifest_path
 
 DEFAULT_MANIFEST = manifest_path({})  # the deploy's default llm_config_dir
@@ -23,14 +22,17 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture
-def manifest(host, request):
+def manifest(host, request) -> Manifest:
     path = request.config.getoption("--llmhost-manifest")
     f = host.file(path)
     if not f.exists:
         pytest.fail(f"{path} is missing on the host: was deploy.py run to completion?")
-    return json.loads(f.content_string)
+    try:
+        return Manifest.from_json(f.content_string)
+    except ManifestError as error:
+        pytest.fail(f"{path}: {error}")
 
 
 @pytest.fixture
 def services(manifest):
-    return manifest["services"]
+    return manifest.services

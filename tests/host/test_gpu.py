@@ -14,6 +14,7 @@ import re
 import pytest
 
 from llmhost import data_dir
+from llmhost.gpu import system_info_fa_pairs
 
 # The same check the deploy's health gate runs on the host (files/gpu_check.py), sent as source.
 GPU_CHECK = (data_dir("files") / "gpu_check.py").read_text()
@@ -40,7 +41,7 @@ def each(items, check) -> None:
 
 @pytest.fixture
 def gpu_services(services):
-    chosen = [s for s in services if s.get("gpu_layers", 0) > 0]
+    chosen = [s for s in services if s.gpu_layers > 0]
     if not chosen:
         pytest.skip("no service of this host uses the GPU (every service has gpu_layers 0): "
                     "GPU checks do not apply")
@@ -51,22 +52,22 @@ def gpu_services(services):
 def gpus(host, gpu_services):
     """The host's GPUs; a host that promises GPU services but shows none fails."""
     if not host.exists("nvidia-smi"):
-        pytest.fail(f"services {', '.join(s['name'] for s in gpu_services)} use the GPU, but "
+        pytest.fail(f"services {', '.join(s.name for s in gpu_services)} use the GPU, but "
                     f"nvidia-smi is not on this host (is the NVIDIA driver installed?)")
     result = host.run(SMI_GPUS)
     rows = [[c.strip() for c in line.split(",")] for line in result.stdout.splitlines() if line.strip()]
     found = [{"index": r[0], "name": r[1], "compute_cap": r[2], "driver": r[3]} for r in rows if len(r) >= 4]
     if result.rc or not found:
-        pytest.fail(f"services {', '.join(s['name'] for s in gpu_services)} use the GPU, but "
+        pytest.fail(f"services {', '.join(s.name for s in gpu_services)} use the GPU, but "
                     f"nvidia-smi lists none (exit {result.rc}): {(result.stdout + result.stderr)[:300]}")
     return found
 
 
 @pytest.fixture
-def system_info(host, manifest, gpus) -> dict[str, str]:
+def system_info(host, manifest, gpus) -> str:
     """system_info of the deployed llama-server as this host runs it (the backend's ARCHS,
     FA_QUANTS, BLACKWELL_NATIVE_FP4 are printed only at run time, with the GPU present)."""
-    server = manifest["llama_cpp"]["server"]
+    server = manifest.llama_cpp.server
     key = (id(host), server)
     if key not in _system_info_cache:
         # Printed before the model loads: a model that does not exist is enough; port 0.
@@ -76,25 +77,30 @@ def system_info(host, manifest, gpus) -> dict[str, str]:
         if not lines:
             pytest.fail(f"{server} printed no system_info line: {result.stdout[-500:]}")
         _system_info_cache[key] = lines[-1].split("system_info:", 1)[1]
-    return {k: v.strip() for k, v in re.findall(r"(\w+) = ([^|]+)", _system_info_cache[key])}
+    return _system_info_cache[key]
+
+
+def info_fields(line: str) -> dict[str, str]:
+    """KEY = VALUE fields of a system_info line."""
+    return {k: v.strip() for k, v in re.findall(r"(\w+) = ([^|]+)", line)}
 
 
 def test_build_has_the_manifest_commit_and_flags(host, manifest):
     """The build the services run was configured with the flags the deploy computed."""
-    build = manifest["llama_cpp"]
-    marker = host.file(f"{build['build_dir']}/.llmhost-build.json")
-    assert marker.exists, f"{build['build_dir']} has no .llmhost-build.json: the build was never verified"
+    build = manifest.llama_cpp
+    marker = host.file(f"{build.build_dir}/.llmhost-build.json")
+    assert marker.exists, f"{build.build_dir} has no .llmhost-build.json: the build was never verified"
     record = json.loads(marker.content_string)
-    assert record["commit"] == build["commit"], \
-        f"the build is of commit {record['commit']}, expected {build['commit']}"
-    missing = sorted(set(build["cmake_flags"]) - set(record["flags"]))
-    extra = sorted(set(record["flags"]) - set(build["cmake_flags"]))
+    assert record["commit"] == build.commit, \
+        f"the build is of commit {record['commit']}, expected {build.commit}"
+    missing = sorted(set(build.cmake_flags) - set(record["flags"]))
+    extra = sorted(set(record["flags"]) - set(build.cmake_flags))
     assert not missing and not extra, \
         f"the build's cmake flags differ from the manifest: missing {missing}, unexpected {extra}"
 
 
 def test_driver_and_nvcc_versions(host, manifest, gpus):
-    nvcc = manifest["llama_cpp"].get("nvcc")
+    nvcc = manifest.llama_cpp.nvcc
     assert nvcc, "the manifest names no nvcc for a GPU build (redeploy to refresh the manifest)"
     text = host.run("%s --version", nvcc).stdout
     release = re.search(r"release (\d+)\.(\d+)", text)
@@ -118,7 +124,7 @@ def test_driver_and_nvcc_versions(host, manifest, gpus):
 
 
 def test_compiled_archs_cover_every_gpu(gpus, system_info):
-    archs = [int(a) for a in re.findall(r"\d+", system_info.get("ARCHS", ""))]
+    archs = [int(a) for a in re.findall(r"\d+", info_fields(system_info).get("ARCHS", ""))]
     assert archs, f"system_info shows no CUDA ARCHS: {system_info}"
     uncovered = []
     for gpu in gpus:
@@ -131,14 +137,16 @@ def test_compiled_archs_cover_every_gpu(gpus, system_info):
     assert not uncovered, "\n".join(uncovered)
 
 
-def test_fa_pairs_cover_every_gpu_service(gpu_services, system_info):
-    compiled = set(system_info.get("FA_QUANTS", "").replace(";", ",").split(","))
+def test_fa_pairs_cover_every_gpu_service(manifest, gpu_services, system_info):
+    compiled = system_info_fa_pairs(system_info) or ()
+    missing = set(manifest.llama_cpp.fa_pairs) - set(compiled)
+    assert not missing, f"the build compiled {compiled}, not all of what the deploy meant: {manifest.llama_cpp.fa_pairs}"
 
     def check(s):
-        pair = f"{s['cache_type_k']}-{s['cache_type_v']}"
-        if pair not in compiled:
-            return (f"K/V pair {pair} is not among the compiled FA_QUANTS "
-                    f"{system_info.get('FA_QUANTS', '(none)')}: attention would fall back to a slow path")
+        if s.kv_pair not in compiled:
+            return (f"K/V pair {'-'.join(s.kv_pair)} is not among the compiled pairs "
+                    f"{', '.join('-'.join(p) for p in compiled) or '(none)'}: attention would fall "
+                    f"back to a slow path")
     each(gpu_services, check)
 
 
@@ -147,8 +155,9 @@ def test_blackwell_native_fp4(gpus, system_info):
     if not blackwell:
         pytest.skip(f"no Blackwell GPU (compute capability 12.x) on this host: "
                     f"{', '.join(g['name'] + ' ' + g['compute_cap'] for g in gpus)}")
-    assert system_info.get("BLACKWELL_NATIVE_FP4") == "1", \
-        f"BLACKWELL_NATIVE_FP4 = {system_info.get('BLACKWELL_NATIVE_FP4')} on " \
+    fp4 = info_fields(system_info).get("BLACKWELL_NATIVE_FP4")
+    assert fp4 == "1", \
+        f"BLACKWELL_NATIVE_FP4 = {fp4} on " \
         f"{blackwell[0]['name']}, expected 1 (build for 120a with CUDA >= 12.8)"
 
 
@@ -157,8 +166,8 @@ def test_gpu_services_run_on_their_gpus(host, gpus, gpu_services):
     was given (and no other), else the reason (device nodes its unit does not allow, uvm
     missing, llama.cpp's 'no usable GPU'). /health alone passes a server on the CPU."""
     def check(s):
-        wanted = ",".join(map(str, s["gpus"])) if s.get("gpus") is not None else ""
-        result = host.run("python3 -c %s --unit %s --gpus %s", GPU_CHECK, s["unit"], wanted)
+        wanted = ",".join(map(str, s.gpus)) if s.gpus is not None else ""
+        result = host.run("python3 -c %s --unit %s --gpus %s", GPU_CHECK, s.unit, wanted)
         try:
             verdict = json.loads(result.stdout)
         except ValueError:
@@ -169,11 +178,11 @@ def test_gpu_services_run_on_their_gpus(host, gpus, gpu_services):
 
 def test_no_failed_mlock_in_gpu_service_journal(host, gpus, gpu_services):
     def check(s):
-        if "mlock" not in (s.get("load_mode") or ""):
+        if "mlock" not in s.load_mode:
             return None
-        invocation = host.run("systemctl show -p InvocationID --value %s", s["unit"]).stdout.strip()
+        invocation = host.run("systemctl show -p InvocationID --value %s", s.unit).stdout.strip()
         if not invocation:
-            return f"{s['unit']} has no current invocation"
+            return f"{s.unit} has no current invocation"
         journal = host.run("journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID=%s", invocation).stdout
         lines = [line for line in journal.splitlines() if "failed to mlock" in line]
         if lines:

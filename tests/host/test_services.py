@@ -23,33 +23,33 @@ def each(services, check) -> None:
 
 def test_unit_enabled_and_active(host, services):
     def check(s):
-        unit = host.service(s["unit"])
+        unit = host.service(s.unit)
         if not unit.is_enabled:
-            return f"{s['unit']} is not enabled"
+            return f"{s.unit} is not enabled"
         if not unit.is_running:
-            return f"{s['unit']} is not active"
+            return f"{s.unit} is not active"
     each(services, check)
 
 
 def test_process_runs_as_the_service_user(host, manifest, services):
     def check(s):
-        pid = main_pid(host, s["unit"])
+        pid = main_pid(host, s.unit)
         if not pid:
             return "no main process"
         user = host.run("ps -o user= -p %s", str(pid)).stdout.strip()
-        if user != manifest["service_user"]:
+        if user != manifest.service_user:
             return f"runs as {user!r}, expected {manifest['service_user']!r}"
     each(services, check)
 
 
 def test_listens_on_the_configured_address_only(host, services):
     def check(s):
-        pid = main_pid(host, s["unit"])
+        pid = main_pid(host, s.unit)
         listening = host.run("ss -Hltnp").stdout.splitlines()
         mine = sorted({line.split()[3] for line in listening if f"pid={pid}," in line})
-        address = s["host"]
-        expected = f"[{address}]:{s['port']}" if ipaddress.ip_address(address).version == 6 \
-            else f"{address}:{s['port']}"
+        address = s.host
+        expected = f"[{address}]:{s.port}" if ipaddress.ip_address(address).version == 6 \
+            else f"{address}:{s.port}"
         if mine != [expected]:
             return f"listens on {mine}, expected only {expected}"
     each(services, check)
@@ -57,7 +57,7 @@ def test_listens_on_the_configured_address_only(host, services):
 
 def test_health_answers_200_without_a_key(host, services):
     def check(s):
-        status, body = http(host, s["health_url"])
+        status, body = http(host, s.health_url)
         if status != 200 or '"ok"' not in body:
             return f"/health answered {status}: {body[:200]}"
     each(services, check)
@@ -65,11 +65,11 @@ def test_health_answers_200_without_a_key(host, services):
 
 def test_api_requires_the_key(host, services):
     def check(s):
-        if not s["api_key_file"]:
+        if not s.api_key_file:
             return None
-        url = s["health_url"].replace("/health", "/v1/models")
+        url = s.health_url.replace("/health", "/v1/models")
         without, _ = http(host, url)
-        with_key, body = http(host, url, key_file=s["api_key_file"])
+        with_key, body = http(host, url, key_file=s.api_key_file)
         if without != 401 or with_key != 200:
             return f"/v1/models answered {without} without the key and {with_key} with it, " \
                    f"expected 401 and 200"
@@ -78,8 +78,8 @@ def test_api_requires_the_key(host, services):
 
 def test_completion_returns_generated_text(host, services):
     def check(s):
-        url = s["health_url"].replace("/health", "/completion")
-        status, body = http(host, url, key_file=s["api_key_file"],
+        url = s.health_url.replace("/health", "/completion")
+        status, body = http(host, url, key_file=s.api_key_file,
                             body={"prompt": "The capital of France is", "n_predict": 12,
                                   "temperature": 0})
         if status != 200:
@@ -92,33 +92,33 @@ def test_completion_returns_generated_text(host, services):
 
 def test_model_files_match_their_sha256(host, services):
     def check(s):
-        for f in s["files"]:
-            digest = host.run("sha256sum %s", f["path"]).stdout.split(" ")[0]
-            if digest != f["sha256"]:
+        for f in s.files:
+            digest = host.run("sha256sum %s", f.path).stdout.split(" ")[0]
+            if digest != f.sha256:
                 return f"{f['path']} has sha256 {digest or '(missing)'}, expected {f['sha256']}"
     each(services, check)
 
 
 def test_unit_serves_the_manifest_model_and_build(host, manifest, services):
     def check(s):
-        argv = host.file(f"/proc/{main_pid(host, s['unit'])}/cmdline").content_string.split("\0")
-        if argv[0] != manifest["llama_cpp"]["server"]:
+        argv = host.file(f"/proc/{main_pid(host, s.unit)}/cmdline").content_string.split("\0")
+        if argv[0] != manifest.llama_cpp.server:
             return f"runs {argv[0]}, expected {manifest['llama_cpp']['server']}"
-        if s["model_path"] not in argv:
-            return f"argv does not name {s['model_path']}"
+        if s.model_path not in argv:
+            return f"argv does not name {s.model_path}"
     each(services, check)
 
 
 def test_version_names_the_pinned_commit(host, manifest):
-    commit = manifest["llama_cpp"]["commit"]
-    result = host.run("%s --version", manifest["llama_cpp"]["server"])
+    commit = manifest.llama_cpp.commit
+    result = host.run("%s --version", manifest.llama_cpp.server)
     version = result.stdout + result.stderr
     assert re.search(rf"\b{commit[:8]}", version), f"--version says {version!r}, expected {commit[:8]}"
 
 
 def test_memlock_is_unlimited_in_the_unit(host, services):
     def check(s):
-        value = host.run("systemctl show -p LimitMEMLOCK --value %s", s["unit"]).stdout.strip()
+        value = host.run("systemctl show -p LimitMEMLOCK --value %s", s.unit).stdout.strip()
         if value != "infinity":
             return f"LimitMEMLOCK={value}, expected infinity"
     each(services, check)
@@ -133,7 +133,7 @@ def test_memlock_is_effective_where_the_host_allows_it(host, services):
                     f"setting is checked by test_memlock_is_unlimited_in_the_unit")
 
     def check(s):
-        limits = host.file(f"/proc/{main_pid(host, s['unit'])}/limits").content_string
+        limits = host.file(f"/proc/{main_pid(host, s.unit)}/limits").content_string
         line = next(l for l in limits.splitlines() if l.startswith("Max locked memory"))
         if "unlimited" not in line:
             return f"effective limit: {line}"
@@ -142,27 +142,27 @@ def test_memlock_is_effective_where_the_host_allows_it(host, services):
 
 def test_api_key_file_is_private_to_the_service_group(host, manifest, services):
     def check(s):
-        if not s["api_key_file"]:
+        if not s.api_key_file:
             return None
-        f = host.file(s["api_key_file"])
+        f = host.file(s.api_key_file)
         if not f.exists:
-            return f"{s['api_key_file']} is missing: clients cannot read the key the server has"
+            return f"{s.api_key_file} is missing: clients cannot read the key the server has"
         found = (f.user, f.group, f.mode)
-        expected = ("root", manifest["service_user"], 0o640)
+        expected = ("root", manifest.service_user, 0o640)
         if found != expected:
-            return f"{s['api_key_file']} is {found[0]}:{found[1]} {oct(found[2])}, expected " \
+            return f"{s.api_key_file} is {found[0]}:{found[1]} {oct(found[2])}, expected " \
                    f"root:{expected[1]} 0o640"
     each(services, check)
 
 
 def test_api_key_is_in_no_unit_or_argv(host, services):
     def check(s):
-        if not s["api_key_file"] or not host.file(s["api_key_file"]).exists:
+        if not s.api_key_file or not host.file(s.api_key_file).exists:
             return None  # a missing key file is test_api_key_file_is_private_to_the_service_group's
-        key = host.file(s["api_key_file"]).content_string.strip()
-        unit = host.run("systemctl cat %s", s["unit"]).stdout
-        argv = host.file(f"/proc/{main_pid(host, s['unit'])}/cmdline").content_string
-        journal = host.run("journalctl -u %s --no-pager -o cat", s["unit"]).stdout
+        key = host.file(s.api_key_file).content_string.strip()
+        unit = host.run("systemctl cat %s", s.unit).stdout
+        argv = host.file(f"/proc/{main_pid(host, s.unit)}/cmdline").content_string
+        journal = host.run("journalctl -u %s --no-pager -o cat", s.unit).stdout
         leaks = [where for where, text in (("unit", unit), ("argv", argv), ("journal", journal))
                  if key and key in text]
         if leaks:
@@ -175,7 +175,7 @@ def test_service_is_hardened(host, services):
               "PrivateTmp": "yes", "CapabilityBoundingSet": "", "RestrictSUIDSGID": "yes"}
 
     def check(s):
-        props = host.run("systemctl show %s -p %s", s["unit"], ",".join(wanted)).stdout
+        props = host.run("systemctl show %s -p %s", s.unit, ",".join(wanted)).stdout
         found = dict(line.split("=", 1) for line in props.splitlines() if "=" in line)
         wrong = {k: found.get(k) for k, v in wanted.items() if found.get(k) != v}
         if wrong:
@@ -186,20 +186,20 @@ def test_service_is_hardened(host, services):
 def test_unit_file_is_the_one_the_deploy_wrote(host, services):
     """A hand edit of the unit (an extra flag, say) shows here until the next deploy puts it back."""
     def check(s):
-        found = host.run("sha256sum /etc/systemd/system/%s", s["unit"]).stdout.split(" ")[0]
-        if found != s["unit_sha256"]:
-            return f"/etc/systemd/system/{s['unit']} differs from the unit the deploy wrote"
+        found = host.run("sha256sum /etc/systemd/system/%s", s.unit).stdout.split(" ")[0]
+        if found != s.unit_sha256:
+            return f"/etc/systemd/system/{s.unit} differs from the unit the deploy wrote"
     each(services, check)
 
 
 def test_running_argv_is_the_one_the_deploy_intended(host, services):
     """What runs: a drop-in or a hand edit that changed the command shows here."""
     def check(s):
-        pid = main_pid(host, s["unit"])
+        pid = main_pid(host, s.unit)
         argv = host.file(f"/proc/{pid}/cmdline").content_string.split("\0")[:-1]
-        if argv != s["argv"]:
-            extra = [a for a in argv if a not in s["argv"]]
-            gone = [a for a in s["argv"] if a not in argv]
+        if argv != list(s.argv):
+            extra = [a for a in argv if a not in s.argv]
+            gone = [a for a in s.argv if a not in argv]
             return f"pid {pid} runs another command: extra {extra}, missing {gone}"
     each(services, check)
 
@@ -207,16 +207,16 @@ def test_running_argv_is_the_one_the_deploy_intended(host, services):
 def test_running_binary_is_the_build_on_disk(host, manifest, services):
     """A process keeps a deleted binary open: /health passes while the build is broken on disk."""
     def check(s):
-        pid = main_pid(host, s["unit"])
+        pid = main_pid(host, s.unit)
         exe = host.run("readlink /proc/%s/exe", str(pid)).stdout.strip()
-        if exe != manifest["llama_cpp"]["server"]:
+        if exe != manifest.llama_cpp.server:
             return f"pid {pid} runs {exe!r}, expected {manifest['llama_cpp']['server']} (on disk)"
     each(services, check)
 
 
 def test_build_files_are_as_verified(host, manifest):
     """Every file of the build's bin/ as it was when the build was verified (size, mtime)."""
-    build = manifest["llama_cpp"]["build_dir"]
+    build = manifest.llama_cpp.build_dir
     record = json.loads(host.file(f"{build}/.llmhost-build.json").content_string)
     assert record.get("files"), f"{build}: its record lists no files (redeploy to record them)"
     script = ("import json,os,sys; d=sys.argv[1]; r=json.load(open(d+'/.llmhost-build.json'))['files']\n"

@@ -20,6 +20,7 @@ import pytest
 from llmhost import bench_reference as ref
 from llmhost import bench_report
 from llmhost.bench import helper_args, parse_args
+from llmhost.manifest import BuildRecord, Manifest, ServiceRecord
 from llmhost.inventory import InventoryError, load_inventory
 
 HELPER = Path(__file__).resolve().parents[2] / "files" / "bench_service.py"
@@ -30,25 +31,13 @@ spec.loader.exec_module(bench_service)
 
 # -- the helper's pure parts ---------------------------------------------------------------------
 
-def test_server_argv_is_parsed_from_the_units_exec_line():
-    argv = ["/opt/llama.cpp/builds/x/bin/llama-server", "--model", "/m/a.gguf", "--n-gpu-layers", "99",
-            "--ctx-size", "131072", "--parallel", "4", "--flash-attn", "on", "--cache-type-k", "q4_0",
-            "--cache-type-v=q8_0", "--reasoning", "auto", "-t", "8", "--api-key-file", "/etc/k"]
-    assert bench_service.parse_server_argv(argv) == {
-        "model": "/m/a.gguf", "gpu_layers": 99, "ctx_size": 131072, "parallel": 4, "flash_attn": "on",
-        "cache_type_k": "q4_0", "cache_type_v": "q8_0", "reasoning": "auto", "threads": 8}
-
-
-@pytest.mark.parametrize("flags, gpu_layers, expected", [
-    (["-DGGML_CUDA=OFF"], 0, None),
-    (["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_QUANTS=f16-f16;q4_0-q8_0"], 99, ["f16-f16", "q4_0-q8_0"]),
-    (["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_QUANTS=f16-f16;q4_0-q8_0"], 0, None),  # CPU-only service
-    (["-DGGML_CUDA=ON"], 99, ["q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16"]),
-    (["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_QUANTS=all"], 99, None),
-    (["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON"], 99, None),
+@pytest.mark.parametrize("fa_pairs, gpu_layers, expected", [
+    ([], 0, None),                                             # a CPU build
+    ([["f16", "f16"], ["q4_0", "q8_0"]], 99, ["f16-f16", "q4_0-q8_0"]),
+    ([["f16", "f16"], ["q4_0", "q8_0"]], 0, None),             # a CPU-only service of a CUDA build
 ])
-def test_compiled_fa_pairs(flags, gpu_layers, expected):
-    assert bench_service.compiled_fa_pairs(flags, gpu_layers) == expected
+def test_compiled_fa_pairs_come_from_the_manifests_build_record(fa_pairs, gpu_layers, expected):
+    assert bench_service.compiled_fa_pairs({"fa_pairs": fa_pairs}, gpu_layers) == expected
 
 
 def test_needle_sizes_grow_to_the_slot_and_include_the_guides_points_that_fit():
@@ -164,16 +153,20 @@ def fake_service(tmp_path):
     port = server.server_address[1]
     key_file = tmp_path / "svc.key"
     key_file.write_text(KEY + "\n")
-    manifest = {
-        "llama_cpp": {"commit": "0" * 40, "build_dir": str(tmp_path / "build"),
-                      "server": str(tmp_path / "build/bin/llama-server"), "cmake_flags": ["-DGGML_CUDA=OFF"]},
-        "services": [{"name": "svc", "unit": "llama-svc.service", "host": "127.0.0.1", "port": port,
-                      "health_url": f"http://127.0.0.1:{port}/health", "api_key_file": str(key_file),
-                      "gpu_layers": 0, "gpus": None, "cache_type_k": "q4_0", "cache_type_v": "q8_0",
-                      "model_path": str(tmp_path / "m.gguf")}],
-    }
+    build = tmp_path / "build"
+    manifest = Manifest(
+        llama_cpp=BuildRecord(commit="0" * 40, build_dir=str(build), server=f"{build}/bin/llama-server",
+                              bench=f"{build}/bin/llama-bench", cmake_flags=("-DGGML_CUDA=OFF",),
+                              archs=(), fa_pairs=(), nvcc=None, expected_system_info=()),
+        service_user="llama",
+        services=(ServiceRecord(
+            name="svc", unit="llama-svc.service", host="127.0.0.1", port=port,
+            health_url=f"http://127.0.0.1:{port}/health", api_key_file=str(key_file), gpu_layers=0,
+            gpus=None, ctx_size=1024, parallel=2, flash_attn="on", cache_type_k="q4_0",
+            cache_type_v="q8_0", load_mode="mmap+mlock", reasoning="off", threads=None,
+            model_path=str(tmp_path / "m.gguf"), files=(), unit_sha256="0" * 64, argv=()),))
     path = tmp_path / "llmhost.json"
-    path.write_text(json.dumps(manifest))
+    path.write_text(manifest.to_json())
     yield path, port
     server.shutdown()
 

@@ -185,17 +185,25 @@ def test_system_info_archs():
 
 
 def test_fa_quants_f16_first_then_sorted_without_duplicates():
-    assert gpu.fa_quants(["q4_0-q8_0"]) == "f16-f16;q4_0-q8_0"
-    assert gpu.fa_quants(["q4_0-q8_0", "f16-f16", "q4_0-q8_0"]) == "f16-f16;q4_0-q8_0"
+    assert gpu.fa_quants([("q4_0", "q8_0")]) == "f16-f16;q4_0-q8_0"
+    assert gpu.fa_quants([("q4_0", "q8_0"), ("f16", "f16"), ("q4_0", "q8_0")]) == "f16-f16;q4_0-q8_0"
     assert gpu.fa_quants([]) == "f16-f16"
-    assert gpu.fa_quants([*gpu.FA_DEFAULT_PAIRS, "q4_0-q8_0"]) == (
+    assert gpu.fa_quants([*gpu.FA_DEFAULT_PAIRS, ("q4_0", "q8_0")]) == (
         "f16-f16;bf16-bf16;q4_0-q4_0;q4_0-q8_0;q8_0-q8_0")
 
 
+def test_system_info_reads_back_what_fa_quants_wrote():
+    line = ("system_info: n_threads = 16 | CUDA : ARCHS = 900 | USE_GRAPHS = 1 | "
+            "FA_QUANTS = f16-f16,q4_0-q8_0 | CPU : SSE3 = 1 |")
+    assert gpu.system_info_fa_pairs(line) == (("f16", "f16"), ("q4_0", "q8_0"))
+    assert gpu.fa_quants(gpu.system_info_fa_pairs(line)) == "f16-f16;q4_0-q8_0"
+    assert gpu.system_info_fa_pairs("system_info: n_threads = 2 | CPU : SSE3 = 1 |") is None
+
+
 def test_fa_quants_drops_types_ggml_cannot_compile():
-    assert gpu.fa_quants(["iq4_nl-iq4_nl", "f32-f16", "q8_0-q8_0"]) == "f16-f16;q8_0-q8_0"
-    assert gpu.uncompilable_fa_pairs(["iq4_nl-iq4_nl", "f32-f16", "q8_0-q8_0"]) == [
-        "f32-f16", "iq4_nl-iq4_nl"]
+    assert gpu.fa_quants([("iq4_nl", "iq4_nl"), ("f32", "f16"), ("q8_0", "q8_0")]) == "f16-f16;q8_0-q8_0"
+    assert gpu.uncompilable_fa_pairs([("iq4_nl", "iq4_nl"), ("f32", "f16"), ("q8_0", "q8_0")]) == [
+        ("f32", "f16"), ("iq4_nl", "iq4_nl")]
 
 
 def test_fa_types_match_the_pinned_source():
@@ -207,7 +215,7 @@ def test_fa_types_match_the_pinned_source():
 
 
 def test_cuda_cmake_flags():
-    assert gpu.cuda_cmake_flags("/usr/local/cuda-12.8/bin/nvcc", ("61", "120a"), ["q4_0-q8_0"]) == [
+    assert gpu.cuda_cmake_flags("/usr/local/cuda-12.8/bin/nvcc", ("61", "120a"), [("q4_0", "q8_0")]) == [
         "-DGGML_CUDA=ON",
         "-DCMAKE_CUDA_COMPILER=/usr/local/cuda-12.8/bin/nvcc",
         "-DCMAKE_CUDA_ARCHITECTURES=61;120a",

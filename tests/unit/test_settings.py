@@ -249,7 +249,7 @@ def test_fa_pairs_are_the_gpu_services_pairs_plus_f16():
         "a": service(gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
         "b": service(port=2, gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
         "cpu": service(port=3, cache_type_k="q8_0", cache_type_v="q8_0")}))
-    assert s.fa_pairs == ("f16-f16", "q4_0-q8_0")
+    assert s.fa_pairs == (("f16", "f16"), ("q4_0", "q8_0"))
 
 
 def test_a_cpu_only_change_keeps_the_cuda_build_and_the_gpu_unit():
