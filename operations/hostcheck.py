@@ -6,6 +6,12 @@ from __future__ import annotations
 import json
 
 
+def each(services, check) -> None:
+    """Run check(service) for every service; fail once, naming every service that failed."""
+    problems = [f"{s.name}: {problem}" for s in services if (problem := check(s))]
+    assert not problems, "\n".join(problems)
+
+
 def http(host, url: str, *, key_file: str | None = None, body: dict | None = None,
          timeout: int = 120) -> tuple[int, str]:
     """An HTTP request made on the host itself (python3 there; curl may be absent). The API key

@@ -198,7 +198,9 @@ def test_retention_keeps_live_rollback_and_one_more_and_rollback_still_works(con
         result = pyinfra(converged, inventory)
         assert result.returncode == 0, result.output[-4000:]
         outputs.append(result.output)
-    folders = on_host(host, "ls -d /var/lib/llama-models/*/* /var/lib/llama-models/local-* 2>/dev/null").split()
+    # Version folders: <owner>--<repo>/<commit12> and local-<sha12>.
+    folders = on_host(host, "cd /var/lib/llama-models && { ls -d *--*/*/ local-*/ 2>/dev/null; true; }").split()
+    folders = [f"/var/lib/llama-models/{f.rstrip('/')}" for f in folders]
     model_dir = f"/var/lib/llama-models/{REPO_A.replace('/', '--')}"
     # Live (3rd), its rollback target (2nd), and the newest spare (1st); the local model of the
     # first deploys is older than all three: it went, and the deploy that removed it said so.

@@ -14,6 +14,7 @@ import re
 import pytest
 
 from llmhost import data_dir
+from llmhost.hostcheck import each
 from llmhost.gpu import system_info_fa_pairs
 
 # The same check the deploy's health gate runs on the host (files/gpu_check.py), sent as source.
@@ -32,11 +33,6 @@ _system_info_cache: dict[tuple[int, str], str] = {}
 
 def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text))
-
-
-def each(items, check) -> None:
-    problems = [f"{item['name']}: {p}" for item in items if (p := check(item))]
-    assert not problems, "\n".join(problems)
 
 
 @pytest.fixture
