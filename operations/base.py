@@ -5,10 +5,11 @@ from __future__ import annotations
 from io import StringIO
 
 from pyinfra import host
+from pyinfra.api import StringCommand, operation
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server
 
-from llmhost import data_dir
+from llmhost import data_dir, remote
 from llmhost.remote import HELPER_DIR
 from llmhost.settings import HostSettings
 
@@ -19,13 +20,32 @@ BUILD_PACKAGES = ("git", "cmake", "ninja-build", "g++", "ccache", "python3", "ca
                   "libgomp1")
 
 
+@operation()
+def build_packages(packages: list[str]):
+    """Install what building and running llama.cpp needs, with apt's output printed as it
+    comes (a fresh host takes a minute: the operator sees it work).
+
+    + packages: the Debian package names
+
+    It is pyinfra's ``apt.packages`` (update, no recommends), its commands streamed.
+
+    **Example:**
+
+    .. code:: python
+
+        build_packages(name="Install build packages", packages=["cmake", "ninja-build"])
+    """
+    for command in apt.packages._inner(packages=packages, update=True, no_recommends=True):
+        is_shell = isinstance(command, (str, StringCommand))
+        yield remote.streamed(str(command), "apt") if is_shell else command
+
+
 def packages() -> None:
     installed = host.get_fact(DebPackages) or {}
     missing = [name for name in BUILD_PACKAGES if name not in installed]
     # Only when something is missing: an apt index refresh on every run would be a change.
     if missing:
-        apt.packages(name=f"Install build packages ({', '.join(missing)})", packages=missing,
-                     update=True, no_recommends=True)
+        build_packages(name=f"Install build packages ({', '.join(missing)})", packages=missing)
 
 
 def service_user(settings: HostSettings) -> None:

@@ -115,3 +115,19 @@ def test_key_accepted_asks_the_server_with_the_key_on_file(tmp_path):
         server.shutdown()
         server.server_close()
     assert run_fact(KeyAccepted, url=url, key_file=str(key)) is None  # nothing answers
+
+
+def test_build_packages_are_pyinfras_apt_commands_streamed():
+    from pyinfra.facts.deb import DebPackages
+
+    from llmhost import base
+    from llmhost.remote import StreamedCommand
+
+    fake = FakeHost({DebPackages: {"python3": ["3.11.2"]}})
+    with ctx_host.use(fake):
+        commands = list(base.build_packages._inner(packages=["cmake", "python3"]))
+    assert all(isinstance(c, StreamedCommand) for c in commands)
+    assert [str(c) for c in commands] == [
+        "apt-get update",
+        "DEBIAN_FRONTEND=noninteractive apt-get -y -o Dpkg::Options::=\"--force-confdef\" -o "
+        "Dpkg::Options::=\"--force-confold\" install --no-install-recommends cmake"]
