@@ -22,7 +22,7 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Sha256File
 from pyinfra.facts.server import Arch, LinuxDistribution
 
-from llmhost.gpu import toolkit_nvcc_path
+from llmhost.buildplan import toolkit_nvcc_path
 from llmhost.remote import streamed
 
 REPO_BASE = "https://developer.download.nvidia.com/compute/cuda/repos"

@@ -10,7 +10,8 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from llmhost import base, cuda, gpu, llamacpp, preflight, retention, services, timing, weights
+from llmhost import (base, buildplan, cuda, gpu, llamacpp, preflight, retention, services,
+                     timing, weights)
 from llmhost.facts import JsonFile, KeyAccepted
 from llmhost.manifest import Manifest
 
@@ -45,13 +46,13 @@ def llama_server() -> None:
     for service in settings.services:
         for warning in service.warnings:
             logger.warning(f"[{host.name}] {warning}")
-    for warning in gpu.fa_pair_warnings(host.name, settings):
+    for warning in preflight.fa_pair_warnings(host.name, settings):
         logger.warning(f"[{host.name}] {warning}")
 
     facts = host.get_fact(gpu.GpuHost, paths=(settings.install_dir, settings.model_dir))
     models = {service.name: weights.plan(settings, service.model) for service in settings.services}
     problems = preflight.gpu_problems(settings, facts) + preflight.toolkit_install_problems(settings)
-    build = None if problems else llamacpp.plan_for_host(settings, facts)
+    build = None if problems else buildplan.plan_for_host(settings, facts)
     problems += preflight.disk_problems(settings, facts, build, models)
     if problems:
         preflight.fail(problems)

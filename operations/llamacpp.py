@@ -10,103 +10,23 @@ A new commit or flag set builds beside the old build, which keeps serving until 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
-from llmhost import gpu, remote
+from llmhost import remote
+from llmhost.buildplan import TARGETS, Build
 from llmhost.facts import BuildState, JsonFile
 from llmhost.settings import HostSettings
 
-TARGETS = ("llama-server", "llama-bench")
 SOURCE_MARKER = ".llmhost-source"
 BUILD_MARKER = ".llmhost-build.json"
-
-# Offline-safe, server-only configuration (llama.cpp's CMakeLists at the pinned commit): no web UI download at build time, no
-# OpenSSL (models come from our own downloader, not -hf), no tests or examples.
-BASE_CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DLLAMA_USE_PREBUILT_UI=OFF",
-    "-DLLAMA_BUILD_UI=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=ON",
-    "-DGGML_CCACHE=ON",
-)
-
-
-@dataclass(frozen=True)
-class Build:
-    source_dir: str
-    build_dir: str
-    cmake_flags: tuple[str, ...]
-    # Fragments system_info must show before the build is used (CUDA archs, FA pairs, FP4).
-    expected_system_info: tuple[str, ...] = ()
-    nvcc: str | None = None
-    archs: tuple[str, ...] = ()                  # CUDA archs compiled; () for a CPU build
-    fa_pairs: tuple[tuple[str, str], ...] = ()   # flash-attention (K, V) pairs compiled
-
-    @property
-    def server_binary(self) -> str:
-        return f"{self.build_dir}/bin/llama-server"
-
-    @property
-    def bench_binary(self) -> str:
-        return f"{self.build_dir}/bin/llama-bench"
-
-
-def cmake_flags(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Every cmake -D of the build; the build directory's name hashes them."""
-    return (
-        *BASE_CMAKE_FLAGS,
-        f"-DLLAMA_BUILD_COMMIT={settings.llamacpp_commit}",
-        f"-DLLAMA_BUILD_NUMBER={settings.llamacpp_build_number}",
-        *backend_flags,
-    )
-
-
-def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
-               expected_system_info: tuple[str, ...] = (), nvcc: str | None = None,
-               archs: tuple[str, ...] = (), fa_pairs: tuple[tuple[str, str], ...] = ()) -> Build:
-    flags = cmake_flags(settings, backend_flags)
-    key = hashlib.sha256("\n".join(flags + TARGETS).encode()).hexdigest()[:8]
-    base = settings.install_dir
-    return Build(
-        source_dir=f"{base}/src/{settings.llamacpp_commit}",
-        build_dir=f"{base}/builds/{settings.llamacpp_commit[:12]}-{key}",
-        cmake_flags=flags,
-        expected_system_info=expected_system_info,
-        nvcc=nvcc,
-        archs=archs,
-        fa_pairs=fa_pairs,
-    )
-
-
-def plan_for_host(settings: HostSettings, facts: gpu.GpuFacts) -> Build:
-    """CPU build for CPU-only hosts; for GPU hosts, CUDA for exactly the GPUs present (or the
-    configured archs), with the flash-attention K/V pairs every service needs."""
-    if not settings.uses_gpu:
-        return plan_build(settings, ("-DGGML_CUDA=OFF",))
-    archs = gpu.architectures_for(facts.gpus, settings.cuda_architectures)
-    toolkit = gpu.build_toolkit(facts, settings.cuda_toolkit_install, settings.cuda_toolkit_version, archs)
-    expected = [f"ARCHS={gpu.system_info_archs(archs)}",
-                f"FA_QUANTS={gpu.fa_quants(settings.fa_pairs).replace(';', ',')}"]
-    if any(arch.startswith("12") for arch in archs) and any(g.compute_cap.startswith("12.") for g in facts.gpus):
-        # Printed only at run time with a Blackwell GPU present (ggml-cuda's system_info at the
-        # pinned commit): never on an H100 or H200.
-        expected.append("BLACKWELL_NATIVE_FP4=1")
-    return plan_build(settings, tuple(gpu.cuda_cmake_flags(toolkit.path, archs, settings.fa_pairs)),
-                      tuple(expected), toolkit.path, tuple(archs),
-                      gpu.compiled_fa_pairs(settings.fa_pairs))
 
 
 def local_source_tarball(settings: HostSettings) -> str:

@@ -20,7 +20,7 @@ from pyinfra.operations import files, systemd
 from llmhost import data_dir, remote
 from llmhost.facts import ServerOptions, UnitState
 from llmhost.flags import ServerPaths, option_names, server_argv, systemd_exec_line
-from llmhost.llamacpp import Build
+from llmhost.buildplan import Build
 from llmhost.settings import HostSettings, ServiceSpec, manifest_path
 from llmhost.weights import PlacedModel
 

@@ -274,7 +274,7 @@ def test_systemd_exposure_of_the_cpu_and_gpu_units(converged, tmp_path):
     """The running CPU unit scores <= 1.5; the guide's GPU unit as rendered scores <= 2.0
     (scored offline: this host has no GPU; running on the H200 it scored 1.3)."""
     from llmhost import gpu
-    from llmhost.llamacpp import plan_build
+    from llmhost.buildplan import plan_build
     from llmhost.services import render_unit
     from llmhost.settings import load_host_settings
     from llmhost.weights import ModelFileSpec, PlacedModel

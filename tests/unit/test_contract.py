@@ -16,9 +16,9 @@ FORBIDDEN = [
     (re.compile(r"def \w*parse\w*argv"), "a parser of llama-server's argv"),
     (re.compile(r"GGML_CUDA_FA_QUANTS"), "the cmake flag of the FA pairs"),
 ]
-# The one writer of each: the argv (flags.py), the cmake flags and the pairs (gpu.py), and the
+# The one writer of each: the argv (flags.py), the cmake flags and the pairs (buildplan.py), and the
 # settings that refuse those options in extra_args (settings.py).
-WRITERS = {"operations/flags.py", "operations/gpu.py", "operations/settings.py"}
+WRITERS = {"operations/flags.py", "operations/buildplan.py", "operations/settings.py"}
 
 
 def test_no_reader_recovers_intent_from_argv_or_cmake_flags():

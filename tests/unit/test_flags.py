@@ -6,7 +6,7 @@ import pytest
 
 from llmhost import flags, gpu
 from llmhost.flags import ServerPaths, server_argv, systemd_exec_line
-from llmhost.llamacpp import plan_build
+from llmhost.buildplan import plan_build
 from llmhost.services import render_unit
 from llmhost.settings import load_host_settings
 from llmhost.weights import ModelFileSpec, PlacedModel

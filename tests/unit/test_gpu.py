@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhost import gpu
+from llmhost import buildplan, gpu, preflight
 from llmhost.gpu import Gpu, GpuFacts, KernelModule, Toolkit
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
@@ -83,11 +83,6 @@ def test_not_nvcc():
     assert gpu.parse_nvcc_version("bash: nvcc: command not found") is None
 
 
-def test_meminfo_in_bytes():
-    assert gpu.parse_meminfo(["MemTotal:       24684096 kB", "HugePages_Total:       0"]) == {
-        "MemTotal": 24684096 * 1024, "HugePages_Total": 0}
-
-
 # --- the one fact -----------------------------------------------------------------------------
 
 def test_whole_fact_on_a_5090_host():
@@ -99,7 +94,6 @@ def test_whole_fact_on_a_5090_host():
     # /usr/local/cuda links to cuda-12.8: one toolkit per real nvcc
     assert facts.toolkits == (Toolkit("/usr/local/cuda-12.8/bin/nvcc", "12.8.93"),
                               Toolkit("/usr/local/cuda-12.4/bin/nvcc", "12.4.131"))
-    assert facts.mem_total_bytes == 131072000 * 1024
     assert facts.free_bytes_by_path() == {"/opt/llama.cpp": 53687091200,
                                           "/var/lib/llama-models": 214748364800}
     assert facts.mount_by_path() == {"/opt/llama.cpp": "/", "/var/lib/llama-models": "/srv"}
@@ -112,7 +106,7 @@ def test_whole_fact_recorded_on_the_dev_machine():
     assert facts.module == KernelModule()
     assert {t.version for t in facts.toolkits} == {"13.0.88"}
     assert "/usr/local/cuda-13.0/bin/nvcc" in {t.path for t in facts.toolkits}
-    assert facts.mem_total_bytes > 0 and len(facts.disks) == 2
+    assert len(facts.disks) == 2
 
 
 def test_fact_prints_as_json_for_the_pyinfra_cli():
@@ -133,8 +127,6 @@ def test_fact_class_processes_and_defaults():
     fact = gpu.GpuHost()
     assert fact.process(lines("host-rtx5090.txt")).gpus[0].compute_cap == "12.0"
     assert fact.default() == GpuFacts()
-    assert gpu.NvidiaGpus().default() == []
-    assert gpu.NvidiaGpus().process(lines("smi-h100.txt"))[0].memory_mib == 81559
 
 
 def test_fact_command_runs_here_and_exits_zero():
@@ -148,61 +140,56 @@ def test_fact_command_runs_here_and_exits_zero():
     assert facts.disks[0].free_bytes > 0 and facts.disks[0].mount == "/"
 
 
-def test_nvidia_gpus_command_exits_zero_without_nvidia_smi():
-    run = subprocess.run(["sh", "-c", gpu.NvidiaGpus().command()], capture_output=True, text=True)
-    assert run.returncode == 0
-
-
 # --- build inputs -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cap, arch", [
     ("12.0", "120a"), ("12.1", "121a"), ("10.0", "100"), ("9.0", "90"), ("8.9", "89"),
     ("8.6", "86"), ("6.1", "61")])
 def test_cuda_arch_for(cap, arch):
-    assert gpu.cuda_arch_for(cap) == arch
+    assert buildplan.cuda_arch_for(cap) == arch
 
 
 def test_cuda_arch_for_rejects_garbage():
     with pytest.raises(ValueError, match="not MAJOR.MINOR"):
-        gpu.cuda_arch_for("[N/A]")
+        buildplan.cuda_arch_for("[N/A]")
 
 
 def test_architectures_union_sorted_by_number():
     gpus = gpu.parse_nvidia_smi(lines("smi-rtx5090-gtx1060.txt") + lines("smi-rtx4090.txt"))
-    assert gpu.architectures_for(gpus, None) == ("61", "89", "120a")
+    assert buildplan.architectures_for(gpus, None) == ("61", "89", "120a")
 
 
 def test_architectures_one_entry_per_kind_and_override_wins():
     h100 = gpu.parse_nvidia_smi(lines("smi-h100.txt")) * 2
-    assert gpu.architectures_for(h100, None) == ("90",)
-    assert gpu.architectures_for(h100, ("90a", "89")) == ("90a", "89")
-    assert gpu.architectures_for([], None) == ()
+    assert buildplan.architectures_for(h100, None) == ("90",)
+    assert buildplan.architectures_for(h100, ("90a", "89")) == ("90a", "89")
+    assert buildplan.architectures_for([], None) == ()
 
 
 def test_system_info_archs():
-    assert gpu.system_info_archs(["120a", "61"]) == "610,1200"
-    assert gpu.system_info_archs(["90"]) == "900"
+    assert buildplan.system_info_archs(["120a", "61"]) == "610,1200"
+    assert buildplan.system_info_archs(["90"]) == "900"
 
 
 def test_fa_quants_f16_first_then_sorted_without_duplicates():
-    assert gpu.fa_quants([("q4_0", "q8_0")]) == "f16-f16;q4_0-q8_0"
-    assert gpu.fa_quants([("q4_0", "q8_0"), ("f16", "f16"), ("q4_0", "q8_0")]) == "f16-f16;q4_0-q8_0"
-    assert gpu.fa_quants([]) == "f16-f16"
-    assert gpu.fa_quants([*gpu.FA_DEFAULT_PAIRS, ("q4_0", "q8_0")]) == (
+    assert buildplan.fa_quants([("q4_0", "q8_0")]) == "f16-f16;q4_0-q8_0"
+    assert buildplan.fa_quants([("q4_0", "q8_0"), ("f16", "f16"), ("q4_0", "q8_0")]) == "f16-f16;q4_0-q8_0"
+    assert buildplan.fa_quants([]) == "f16-f16"
+    assert buildplan.fa_quants([*buildplan.FA_DEFAULT_PAIRS, ("q4_0", "q8_0")]) == (
         "f16-f16;bf16-bf16;q4_0-q4_0;q4_0-q8_0;q8_0-q8_0")
 
 
 def test_system_info_reads_back_what_fa_quants_wrote():
     line = ("system_info: n_threads = 16 | CUDA : ARCHS = 900 | USE_GRAPHS = 1 | "
             "FA_QUANTS = f16-f16,q4_0-q8_0 | CPU : SSE3 = 1 |")
-    assert gpu.system_info_fa_pairs(line) == (("f16", "f16"), ("q4_0", "q8_0"))
-    assert gpu.fa_quants(gpu.system_info_fa_pairs(line)) == "f16-f16;q4_0-q8_0"
-    assert gpu.system_info_fa_pairs("system_info: n_threads = 2 | CPU : SSE3 = 1 |") is None
+    assert buildplan.system_info_fa_pairs(line) == (("f16", "f16"), ("q4_0", "q8_0"))
+    assert buildplan.fa_quants(buildplan.system_info_fa_pairs(line)) == "f16-f16;q4_0-q8_0"
+    assert buildplan.system_info_fa_pairs("system_info: n_threads = 2 | CPU : SSE3 = 1 |") is None
 
 
 def test_fa_quants_drops_types_ggml_cannot_compile():
-    assert gpu.fa_quants([("iq4_nl", "iq4_nl"), ("f32", "f16"), ("q8_0", "q8_0")]) == "f16-f16;q8_0-q8_0"
-    assert gpu.uncompilable_fa_pairs([("iq4_nl", "iq4_nl"), ("f32", "f16"), ("q8_0", "q8_0")]) == [
+    assert buildplan.fa_quants([("iq4_nl", "iq4_nl"), ("f32", "f16"), ("q8_0", "q8_0")]) == "f16-f16;q8_0-q8_0"
+    assert buildplan.uncompilable_fa_pairs([("iq4_nl", "iq4_nl"), ("f32", "f16"), ("q8_0", "q8_0")]) == [
         ("f32", "f16"), ("iq4_nl", "iq4_nl")]
 
 
@@ -211,11 +198,11 @@ def test_fa_types_match_the_pinned_source():
     source = Path("/var/cache/llmhost/llama.cpp-0c1e57098bba/ggml/cmake/common.cmake")
     if not source.exists():
         pytest.skip("pinned llama.cpp checkout not cached here")
-    assert "set(FA_TYPES " + " ".join(gpu.FA_TYPES) + ")" in source.read_text()
+    assert "set(FA_TYPES " + " ".join(buildplan.FA_TYPES) + ")" in source.read_text()
 
 
 def test_cuda_cmake_flags():
-    assert gpu.cuda_cmake_flags("/usr/local/cuda-12.8/bin/nvcc", ("61", "120a"), [("q4_0", "q8_0")]) == [
+    assert buildplan.cuda_cmake_flags("/usr/local/cuda-12.8/bin/nvcc", ("61", "120a"), [("q4_0", "q8_0")]) == [
         "-DGGML_CUDA=ON",
         "-DCMAKE_CUDA_COMPILER=/usr/local/cuda-12.8/bin/nvcc",
         "-DCMAKE_CUDA_ARCHITECTURES=61;120a",
@@ -225,27 +212,27 @@ def test_cuda_cmake_flags():
 
 def test_cuda_cmake_flags_refuse_an_empty_arch_list():
     with pytest.raises(ValueError, match="no CUDA architectures"):
-        gpu.cuda_cmake_flags("/usr/bin/nvcc", (), [])
+        buildplan.cuda_cmake_flags("/usr/bin/nvcc", (), [])
 
 
 # --- toolkit choice ---------------------------------------------------------------------------
 
 def test_build_toolkit_is_the_newest_found_or_the_one_installed():
     facts = gpu.parse_gpu_host(lines("host-rtx5090.txt"))
-    assert gpu.build_toolkit(facts, False, "12-8") == Toolkit("/usr/local/cuda-12.8/bin/nvcc", "12.8.93")
-    assert gpu.build_toolkit(facts, True, "12-9") == Toolkit("/usr/local/cuda-12.9/bin/nvcc", "12.9")
-    assert gpu.build_toolkit(GpuFacts(), False, "12-8") is None
+    assert buildplan.build_toolkit(facts, False, "12-8") == Toolkit("/usr/local/cuda-12.8/bin/nvcc", "12.8.93")
+    assert buildplan.build_toolkit(facts, True, "12-9") == Toolkit("/usr/local/cuda-12.9/bin/nvcc", "12.9")
+    assert buildplan.build_toolkit(GpuFacts(), False, "12-8") is None
 
 
 def test_toolkit_nvcc_path_accepts_both_spellings():
-    assert gpu.toolkit_nvcc_path("12-8") == gpu.toolkit_nvcc_path("12.8") == "/usr/local/cuda-12.8/bin/nvcc"
+    assert buildplan.toolkit_nvcc_path("12-8") == buildplan.toolkit_nvcc_path("12.8") == "/usr/local/cuda-12.8/bin/nvcc"
 
 
 @pytest.mark.parametrize("toolkit, driver", [
     ("12.8", "570.26"), ("12.8.93", "570.26"), ("13.0.88", "580.65.06"), ("12.4", "550.54.14"),
     ("12.5", "550.54.14"), ("13.1", "580.65.06"), ("11.8", None)])
 def test_driver_needed(toolkit, driver):
-    assert gpu.driver_needed(toolkit) == driver
+    assert preflight.driver_needed(toolkit) == driver
 
 
 # --- operations/cuda.py: the optional toolkit install -----------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from llmhost import gpu
+from llmhost import buildplan, gpu, preflight
 from llmhost.gpu import Gpu, GpuFacts, KernelModule, Toolkit
 from llmhost.settings import load_host_settings
 
@@ -45,7 +45,7 @@ MAIN = {"gpu_layers": 99, "cache_type_k": "q4_0", "cache_type_v": "q8_0"}
 
 
 def check(settings, gpu_facts, install=False, version="12-8"):
-    return gpu.gpu_preflight_problems("gpu1", gpu_facts, settings, install, version)
+    return preflight.gpu_preflight_problems("gpu1", gpu_facts, settings, install, version)
 
 
 # --- hosts that pass --------------------------------------------------------------------------
@@ -179,8 +179,8 @@ def test_nvcc_13_newest_but_12_8_present_for_a_gtx_1060_builds_with_12_8():
     pascal = facts("smi-gtx1060.txt", toolkits=(NVCC_130, NVCC_128))
     pascal = replace(pascal, gpus=(replace(pascal.gpus[0], driver_version="580.82.07"),))
     assert check(host(main=MAIN), pascal) == []
-    assert gpu.build_toolkit(pascal, False, "", ("61",)) == NVCC_128
-    assert gpu.build_toolkit(pascal, False, "", ("89",)) == NVCC_130
+    assert buildplan.build_toolkit(pascal, False, "", ("61",)) == NVCC_128
+    assert buildplan.build_toolkit(pascal, False, "", ("89",)) == NVCC_130
 
 
 def test_toolkit_version_setting_too_new_for_a_gtx_1060():
@@ -228,11 +228,11 @@ GIB = 2**30
 
 
 def test_disk_enough():
-    assert gpu.disk_problems("gpu1", {"/opt/llama.cpp": 10 * GIB}, {"/opt/llama.cpp": 5 * GIB}) == []
+    assert preflight.free_disk_problems("gpu1", {"/opt/llama.cpp": 10 * GIB}, {"/opt/llama.cpp": 5 * GIB}) == []
 
 
 def test_disk_too_little():
-    assert gpu.disk_problems("gpu1", {"/opt/llama.cpp": 3 * GIB}, {"/opt/llama.cpp": 25 * GIB}) == [
+    assert preflight.free_disk_problems("gpu1", {"/opt/llama.cpp": 3 * GIB}, {"/opt/llama.cpp": 25 * GIB}) == [
         "host gpu1: free disk on /opt/llama.cpp: found 3.0 GiB, expected at least 25.0 GiB; fix: "
         "free space there, or set llm_install_dir / llm_model_dir to a larger filesystem"]
 
@@ -240,9 +240,9 @@ def test_disk_too_little():
 def test_disk_needs_on_one_filesystem_add_up():
     free = {"/opt/llama.cpp": 30 * GIB, "/var/lib/llama-models": 30 * GIB}
     needed = {"/opt/llama.cpp": 5 * GIB, "/var/lib/llama-models": 28 * GIB}
-    assert gpu.disk_problems("gpu1", free, needed) == []
+    assert preflight.free_disk_problems("gpu1", free, needed) == []
     mounts = {"/opt/llama.cpp": "/", "/var/lib/llama-models": "/"}
-    assert gpu.disk_problems("gpu1", free, needed, mounts) == [
+    assert preflight.free_disk_problems("gpu1", free, needed, mounts) == [
         "host gpu1: free disk on / (for /opt/llama.cpp, /var/lib/llama-models): found 30.0 GiB, "
         "expected at least 33.0 GiB; fix: free space there, or set llm_install_dir / llm_model_dir "
         "to a larger filesystem"]
@@ -252,11 +252,11 @@ def test_disk_needs_on_one_filesystem_add_up():
 
 def test_fa_pair_warning_for_iq4_nl():
     settings = host(main={"gpu_layers": 99, "cache_type_k": "iq4_nl", "cache_type_v": "iq4_nl"})
-    assert gpu.fa_pair_warnings("gpu1", settings) == [
+    assert preflight.fa_pair_warnings("gpu1", settings) == [
         "host gpu1: llm_services.main: K/V iq4_nl-iq4_nl has no CUDA flash-attention kernel in "
         "llama.cpp: it runs converted to f16 (slow); use types from q4_0, q4_1, q5_0, q5_1, q8_0, "
         "bf16, f16"]
-    assert gpu.fa_pair_warnings("gpu1", host(main=MAIN)) == []
+    assert preflight.fa_pair_warnings("gpu1", host(main=MAIN)) == []
 
 
 def test_a_driver_without_its_devices_loaded_is_refused_with_the_fix():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmhost import gpu
-from llmhost.llamacpp import plan_build
+from llmhost.buildplan import plan_build
 from llmhost.services import render_unit
 from llmhost.settings import load_host_settings
 from llmhost.weights import ModelFileSpec, PlacedModel

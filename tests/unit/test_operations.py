@@ -10,7 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pyinfra.context import ctx_host
 
-from llmhost import llamacpp
+from llmhost import buildplan, llamacpp
 from llmhost.facts import BuildState, KeyAccepted, UnitState
 from llmhost.settings import load_host_settings
 
@@ -33,7 +33,7 @@ def settings():
 
 def build_commands(state):
     s = settings()
-    build = llamacpp.plan_build(s, ("-DGGML_CUDA=OFF",))
+    build = buildplan.plan_build(s, ("-DGGML_CUDA=OFF",))
     fake = FakeHost({BuildState: state})
     with ctx_host.use(fake):
         return [str(c) for c in llamacpp.build._inner(settings=s, build=build)], fake, build

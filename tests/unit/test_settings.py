@@ -255,7 +255,7 @@ def test_fa_pairs_are_the_gpu_services_pairs_plus_f16():
 def test_a_cpu_only_change_keeps_the_cuda_build_and_the_gpu_unit():
     """Changing the K/V types of a CPU service on a GPU host: same CUDA build key (no rebuild),
     same GPU unit text (no restart)."""
-    from llmhost import gpu, llamacpp
+    from llmhost import buildplan, gpu
     from llmhost.services import render_unit
     from llmhost.weights import ModelFileSpec, PlacedModel
 
@@ -270,7 +270,7 @@ def test_a_cpu_only_change_keeps_the_cuda_build_and_the_gpu_unit():
         s = load_host_settings("h1", host_data(llm_services={
             "main": service(gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
             "cpu": service(port=2, **cpu_types)}))
-        build = llamacpp.plan_for_host(s, facts)
+        build = buildplan.plan_for_host(s, facts)
         return build, render_unit(s, s.services[0], build, model, devices)
 
     before = plan({"cache_type_k": "f16", "cache_type_v": "f16"})
