@@ -69,8 +69,15 @@ def llama_server() -> None:
 
     if settings.uses_gpu and settings.cuda_toolkit_install:
         cuda.install_toolkit(settings.cuda_toolkit_version)
-    llamacpp.source(name="llama.cpp source", settings=settings, build=build)
-    build_op = llamacpp.build(name="llama.cpp build", settings=settings, build=build)
+    llamacpp.source(name="llama.cpp source", source_dir=build.source_dir,
+                    commit=settings.llamacpp_commit, git_url=settings.llamacpp_git_url,
+                    tarball=(llamacpp.local_source_tarball(settings)
+                             if settings.llamacpp_source == "local" else None))
+    build_op = llamacpp.build(
+        name="llama.cpp build", source_dir=build.source_dir, build_dir=build.build_dir,
+        commit=settings.llamacpp_commit, cmake_flags=list(build.cmake_flags),
+        expected_system_info=list(build.expected_system_info), jobs=settings.build_jobs,
+        ccache_dir=f"{settings.install_dir}/ccache")
 
     for service in settings.services:
         for spec in models[service.name].files:
@@ -102,9 +109,11 @@ def llama_server() -> None:
         unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
         rendered[service.unit_name] = unit_text
         services.health_gated_unit(
-            name=f"Service {service.unit_name}", service=service, unit_text=unit_text,
+            name=f"Service {service.unit_name}", unit=service.unit_name, unit_text=unit_text,
+            health_url=service.health_url,
             argv_options=services.argv_options(settings, service, build, models[service.name]),
-            timeout=settings.health_timeout,
+            timeout=settings.health_timeout, service_name=service.name, on_gpu=service.uses_gpu,
+            gpus=list(service.gpus) if service.gpus is not None else None,
             restart_if=lambda ops=restart_on, refused=key_refused: refused or services.any_changed(ops),
             replaces=services.handed_over(service, removed))
     if removed:

@@ -79,15 +79,20 @@ def endpoint_for(model: ModelSpec) -> str:
 
 def token_for(model: ModelSpec) -> str | None:
     """The model's token_file when set (it is the more specific setting), else HF_TOKEN."""
-    if model.token_file:
+    return token_from(model.token_file, model.repo)
+
+
+def token_from(token_file: str | None, repo: str | None = None) -> str | None:
+    """The token in ``token_file`` when given, else HF_TOKEN from the environment, else None."""
+    if token_file:
         try:
-            with open(model.token_file) as f:
+            with open(token_file) as f:
                 token = f.read().strip()
         except OSError as error:
-            raise ManifestError(f"model {model.repo}: cannot read token_file {model.token_file}: "
+            raise ManifestError(f"model {repo}: cannot read token_file {token_file}: "
                                 f"{error.strerror}") from None
         if not token:
-            raise ManifestError(f"model {model.repo}: token_file {model.token_file} is empty")
+            raise ManifestError(f"model {repo}: token_file {token_file} is empty")
         return token
     return os.environ.get("HF_TOKEN", "").strip() or None
 

@@ -21,7 +21,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
 from llmhost import remote
-from llmhost.buildplan import TARGETS, Build
+from llmhost.buildplan import TARGETS
 from llmhost.facts import BuildState, JsonFile
 from llmhost.settings import HostSettings
 
@@ -49,49 +49,82 @@ def local_source_tarball(settings: HostSettings) -> str:
 
 
 @operation()
-def source(settings: HostSettings, build: Build):
-    """Put the pinned source at src/<commit>, from git or from the controller."""
-    if host.get_fact(JsonFile, path=f"{build.source_dir}/{SOURCE_MARKER}"):
-        host.noop(f"llama.cpp source {settings.llamacpp_commit[:12]} is present")
+def source(source_dir: str, commit: str, git_url: str | None = None, tarball: str | None = None):
+    """Put llama.cpp's source at ``source_dir``, exactly ``commit``: a shallow fetch of that
+    commit from ``git_url`` on the host, or ``tarball`` pushed from the controller (air-gapped
+    hosts). It lands in a .partial folder and is moved into place with its marker, so an
+    interrupted fetch is never taken for a source.
+
+    + source_dir: where the source goes (llm_install_dir/src/<commit>)
+    + commit: the full commit sha
+    + git_url: the repository the host fetches from (source git)
+    + tarball: a .tar.gz of the commit on the controller, one top folder (source local)
+
+    **Example:**
+
+    .. code:: python
+
+        source(name="llama.cpp source", source_dir="/opt/llama.cpp/src/0c1e...",
+               commit="0c1e...", git_url="https://github.com/ggml-org/llama.cpp")
+    """
+    if host.get_fact(JsonFile, path=f"{source_dir}/{SOURCE_MARKER}"):
+        host.noop(f"llama.cpp source {commit[:12]} is present")
         return
-    src = shlex.quote(build.source_dir)
-    tmp = shlex.quote(build.source_dir + ".partial")
-    marker = shlex.quote(f"{build.source_dir}.partial/{SOURCE_MARKER}")
+    src, tmp = shlex.quote(source_dir), shlex.quote(source_dir + ".partial")
+    marker = shlex.quote(f"{source_dir}.partial/{SOURCE_MARKER}")
     yield f"rm -rf {tmp} && mkdir -p {tmp}"
-    if settings.llamacpp_source == "git":
+    if tarball is None:
         # A shallow fetch of the exact commit (GitHub serves any reachable sha).
-        url = shlex.quote(settings.llamacpp_git_url)
-        commit = shlex.quote(settings.llamacpp_commit)
-        yield (f"git -C {tmp} init -q && git -C {tmp} fetch -q --depth 1 {url} {commit} "
+        url, sha = shlex.quote(git_url), shlex.quote(commit)
+        yield (f"git -C {tmp} init -q && git -C {tmp} fetch -q --depth 1 {url} {sha} "
                f"&& git -C {tmp} -c advice.detachedHead=false checkout -q FETCH_HEAD "
-               f"&& test \"$(git -C {tmp} rev-parse HEAD)\" = {commit}")
+               f"&& test \"$(git -C {tmp} rev-parse HEAD)\" = {sha}")
     else:
-        remote_tarball = f"{build.source_dir}.tar.gz"
-        yield FileUploadCommand(local_source_tarball(settings), remote_tarball)
+        remote_tarball = f"{source_dir}.tar.gz"
+        yield FileUploadCommand(tarball, remote_tarball)
         yield (f"tar -xzf {shlex.quote(remote_tarball)} -C {tmp} --strip-components=1 "
                f"&& rm -f {shlex.quote(remote_tarball)}")
-    record = shlex.quote(json.dumps({"commit": settings.llamacpp_commit, "from": settings.llamacpp_source}))
+    record = shlex.quote(json.dumps({"commit": commit, "from": "git" if tarball is None else "local"}))
     yield f"echo {record} > {marker} && rm -rf {src} && mv {tmp} {src}"
 
 
 @operation()
-def build(settings: HostSettings, build: Build):
-    """Build the needed targets, verified before use; a complete build is never rebuilt, and
-    one whose recorded files were deleted or replaced is built again where it stands (ninja
-    relinks just those; a running service keeps the files it has open until its restart)."""
-    recorded = host.get_fact(BuildState, build_dir=build.build_dir)
-    name = os.path.basename(build.build_dir)
+def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
+          expected_system_info: list[str], jobs: int, ccache_dir: str):
+    """Build llama-server and llama-bench, verified before use: --version must name ``commit``
+    and system_info show ``expected_system_info``, then a marker records the build's files. A
+    complete build is never rebuilt; one whose recorded files were deleted or replaced is built
+    again where it stands (ninja relinks just those; a running service keeps the files it has
+    open until its restart behind the health gate).
+
+    + source_dir: the source (see source)
+    + build_dir: the build's folder, keyed by commit and flags (llmhost.buildplan)
+    + commit: what --version must name
+    + cmake_flags: every -D of the build
+    + expected_system_info: KEY=VALUE fragments system_info must show (CUDA archs, FA pairs)
+    + jobs: parallel compile jobs, 0 for one per CPU
+    + ccache_dir: ccache shared by every build of the host
+
+    **Example:**
+
+    .. code:: python
+
+        build(name="llama.cpp build", source_dir=plan.source_dir, build_dir=plan.build_dir,
+              commit=plan_commit, cmake_flags=list(plan.cmake_flags),
+              expected_system_info=list(plan.expected_system_info), jobs=0,
+              ccache_dir="/opt/llama.cpp/ccache")
+    """
+    recorded = host.get_fact(BuildState, build_dir=build_dir)
+    label = f"llama.cpp build {os.path.basename(build_dir)}"
     if recorded and recorded["files"] and not recorded["changed"]:
-        host.noop(f"llama.cpp build {name} is complete")
+        host.noop(f"{label} is complete")
         return
-    args = ["--src", build.source_dir, "--build-dir", build.build_dir,
-            "--commit", settings.llamacpp_commit, "--targets", ",".join(TARGETS),
-            "--jobs", str(settings.build_jobs), "--ccache-dir", f"{settings.install_dir}/ccache"]
+    args = ["--src", source_dir, "--build-dir", build_dir, "--commit", commit,
+            "--targets", ",".join(TARGETS), "--jobs", str(jobs), "--ccache-dir", ccache_dir]
     # "=" form: argparse would take a bare "-DFOO" for an option of its own.
-    args += [f"--cmake-flag={flag}" for flag in build.cmake_flags]
-    args += [f"--expect-system-info={fragment}" for fragment in build.expected_system_info]
+    args += [f"--cmake-flag={flag}" for flag in cmake_flags]
+    args += [f"--expect-system-info={fragment}" for fragment in expected_system_info]
     if recorded:  # its record no longer matches (or predates file records): verify it again
         args += [f"--remove={changed}" for changed in recorded["changed"]]
-        yield f"rm -f {shlex.quote(f'{build.build_dir}/{BUILD_MARKER}')}"
-    yield remote.streamed(remote.helper_command("build_llamacpp.py", *args),
-                          f"llama.cpp build {os.path.basename(build.build_dir)}")
+        yield f"rm -f {shlex.quote(f'{build_dir}/{BUILD_MARKER}')}"
+    yield remote.streamed(remote.helper_command("build_llamacpp.py", *args), label)

@@ -92,7 +92,18 @@ def nvidia_uvm() -> None:
 
 @operation()
 def generated_key(path: str, group: str):
-    """An API key made on the host on first deploy: never leaves it, never printed."""
+    """An API key made on the host (32 random bytes, hex) when it has none: it never leaves
+    the host and is never printed; its owner and mode are kept root:<group> 0640.
+
+    + path: the key file
+    + group: the services' group, which may read it
+
+    **Example:**
+
+    .. code:: python
+
+        generated_key(name="API key of main", path="/etc/llama/keys/main.key", group="llama")
+    """
     info = host.get_fact(File, path=path)
     if info and info["size"] > 0 and info["user"] == "root" and info["group"] == group \
             and info["mode"] == int(KEY_MODE):
@@ -120,7 +131,17 @@ def handed_over(service: ServiceSpec, removed: list[dict]) -> list[dict]:
 
 @operation()
 def retired_units(units: list[str]):
-    """Stop, disable and set aside the units of removed services (see removed_services)."""
+    """Stop, disable and set aside the units of removed services (see removed_services); a
+    unit already gone is left alone.
+
+    + units: unit names, e.g. ``["llama-old.service"]``
+
+    **Example:**
+
+    .. code:: python
+
+        retired_units(name="Retire removed services", units=["llama-old.service"])
+    """
     states = {unit: host.get_fact(UnitState, unit=unit) for unit in units}
     present = [unit for unit, s in states.items() if s["sha256"] or s["enabled"] or s["active"]]
     if not present:
@@ -131,42 +152,66 @@ def retired_units(units: list[str]):
 
 
 @operation()
-def health_gated_unit(service: ServiceSpec, unit_text: str, argv_options: list[str],
-                      timeout: int, restart_if: Callable[[], bool] | None = None,
+def health_gated_unit(unit: str, unit_text: str, health_url: str, argv_options: list[str],
+                      timeout: int, service_name: str, on_gpu: bool = False,
+                      gpus: list[int] | None = None, restart_if: Callable[[], bool] | None = None,
                       replaces: list[dict] | None = None):
-    """Install the unit and restart behind /health; roll back to the previous unit on failure.
+    """Install a service's unit and (re)start it behind the health gate: /health 200 within
+    ``timeout`` and, for a GPU service, its process on its GPUs (files/gpu_check.py). A unit
+    that fails the gate is rolled back to the previous one (and so the previous build and
+    model), which is started and checked again; the host then fails with the reason.
 
     Before anything changes, every option of the new argv must be one the built binary's
     --help lists: an unknown flag fails the host with the running service untouched.
+
+    + unit: the unit's name, e.g. ``llama-main.service``
+    + unit_text: the unit file to install
+    + health_url: the service's /health
+    + argv_options: the binary, then the option names of its argv (what --help must list)
+    + timeout: seconds the new unit may take to pass the gate
+    + service_name: the service, for the lines the operator reads
+    + on_gpu: a GPU service (gpu_layers > 0): healthy only on its GPUs
+    + gpus: the GPU indexes it was given (None: any of the host's)
+    + restart_if: restart behind the gate even when the unit text is the same (a build or a
+      key that changed under it)
+    + replaces: units of removed services on the same port (a rename): stopped just before,
+      retired once this one is healthy, started again if it is not
+
+    **Example:**
+
+    .. code:: python
+
+        health_gated_unit(name="Service llama-main.service", unit="llama-main.service",
+                          unit_text=text, health_url="http://127.0.0.1:18082/health",
+                          argv_options=["/opt/llama.cpp/builds/x/bin/llama-server", "--model"],
+                          timeout=300, service_name="main", on_gpu=True)
     """
-    current = host.get_fact(UnitState, unit=service.unit_name)
+    current = host.get_fact(UnitState, unit=unit)
     wanted = hashlib.sha256(unit_text.encode()).hexdigest()
     forced = bool(restart_if and restart_if())
     if current["sha256"] == wanted and current["enabled"] and current["active"] and not forced:
-        host.noop(f"{service.unit_name} is up to date and active")
+        host.noop(f"{unit} is up to date and active")
         return
     if current["sha256"] and current["sha256"] != wanted and current.get("missing") and not state.is_executing:
-        host.log_styled(f"{service.unit_name}: the unit now live, which a failed switch would go "
-                        f"back to, names files that are gone: {', '.join(current['missing'])}",
-                        fg="yellow")
+        host.log_styled(f"{unit}: the unit now live, which a failed switch would go back to, "
+                        f"names files that are gone: {', '.join(current['missing'])}", fg="yellow")
     binary = argv_options[0]
     # None while planning a fresh host (no build yet); at execution the build exists.
     known = host.get_fact(ServerOptions, binary=binary)
     unknown = [name for name in argv_options[1:] if known is not None and name not in known]
     if unknown:
         yield remote.fail(
-            f"host {host.name}: llm_services.{service.name}: found {', '.join(unknown)}, which "
+            f"host {host.name}: llm_services.{service_name}: found {', '.join(unknown)}, which "
             f"{binary} --help does not list; expected only options this llama.cpp build accepts "
             f"(check extra_args and llm_llamacpp_commit). The running service was not changed.")
         return
-    request = {"unit": service.unit_name, "text": unit_text, "health_url": service.health_url,
-               "timeout": timeout, "replaces": replaces or []}
-    if service.uses_gpu:
+    request = {"unit": unit, "text": unit_text, "health_url": health_url, "timeout": timeout,
+               "replaces": replaces or []}
+    if on_gpu:
         # Healthy means on its GPUs too: /health alone passes a server that fell back to the CPU.
-        request["gpu"] = {"gpus": list(service.gpus) if service.gpus is not None else None}
-    request = json.dumps(request)
-    yield remote.streamed(remote.helper_command("switch_service.py"),
-                          f"switch of {service.unit_name}", stdin=request)
+        request["gpu"] = {"gpus": list(gpus) if gpus is not None else None}
+    yield remote.streamed(remote.helper_command("switch_service.py"), f"switch of {unit}",
+                          stdin=json.dumps(request))
 
 
 def any_changed(op_metas) -> bool:

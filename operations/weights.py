@@ -110,50 +110,93 @@ def plan(settings: HostSettings, model: ModelSpec) -> PlacedModel:
     return plan_local(settings, model) if model.source == "local" else plan_hf(settings, model)
 
 
-def is_in_place(spec: ModelFileSpec) -> bool:
-    state = host.get_fact(ModelFile, path=spec.dest)
+def in_place(dest: str, sha256: str, size: int) -> bool:
+    """The file is there, of its size, and its record says it was verified as ``sha256`` and
+    has not been written since (its mtime)."""
+    state = host.get_fact(ModelFile, path=dest)
     record = state["record"] or {}
-    return (state["size"] == spec.size and record.get("sha256") == spec.sha256
+    return (state["size"] == size and record.get("sha256") == sha256
             and record.get("mtime_ns") == state["mtime_ns"])
 
 
+def is_in_place(spec: ModelFileSpec) -> bool:
+    return in_place(spec.dest, spec.sha256, spec.size)
+
+
 @operation()
-def pushed_file(spec: ModelFileSpec):
-    """Upload a controller file next to its destination, verify it there, then move it in."""
-    if is_in_place(spec):
-        host.noop(f"{spec.dest} is in place and verified")
+def pushed_file(src: str, dest: str, sha256: str, size: int):
+    """A controller file on the host: uploaded beside ``dest``, its sha256 checked there, then
+    moved into place with a record, so a rerun trusts it without hashing it again.
+
+    + src: the file on the controller
+    + dest: where it goes on the host
+    + sha256: what it must hash to
+    + size: its size in bytes
+
+    **Example:**
+
+    .. code:: python
+
+        pushed_file(name="Model file", src="/models/m.gguf",
+                    dest="/var/lib/llama-models/local-a5fd3b62230a/m.gguf",
+                    sha256="a5fd3b...", size=253113024)
+    """
+    if in_place(dest, sha256, size):
+        host.noop(f"{dest} is in place and verified")
         return
-    staged = spec.dest + ".partial"
-    yield f"mkdir -p {shlex.quote(os.path.dirname(spec.dest))}"
-    yield FileUploadCommand(spec.local_path, staged)
+    staged = dest + ".partial"
+    yield f"mkdir -p {shlex.quote(os.path.dirname(dest))}"
+    yield FileUploadCommand(src, staged)
     yield remote.helper_command(
-        "place_model.py", "--staged", staged, "--dest", spec.dest, "--sha256", spec.sha256,
-        "--size", str(spec.size), "--record-json", json.dumps({"source": "local"}))
+        "place_model.py", "--staged", staged, "--dest", dest, "--sha256", sha256,
+        "--size", str(size), "--record-json", json.dumps({"source": "local"}))
 
 
 @operation()
-def downloaded_file(spec: ModelFileSpec, model: ModelSpec, connections: int):
-    """Download on the host (resumable, parallel ranges, sha256 before the rename), with its
-    progress in pyinfra's output; the token reaches the host on stdin only."""
-    if is_in_place(spec):
-        host.noop(f"{spec.dest} is in place and verified")
+def downloaded_file(url: str, dest: str, sha256: str, size: int, record: dict, connections: int,
+                    token_file: str | None = None):
+    """A file downloaded on the host from Hugging Face or a mirror: resumable, in parallel
+    ranges, sha256 checked before the rename, its progress printed as it comes. The token
+    (``token_file``, else HF_TOKEN on the controller) reaches the host on stdin only.
+
+    + url: the file's URL, pinned to a commit
+    + dest: where it goes on the host
+    + sha256: what it must hash to (the Hub's LFS sha256)
+    + size: its size in bytes
+    + record: what to note beside it (commit, repo, revision)
+    + connections: parallel ranged connections
+    + token_file: a controller file holding the token (else HF_TOKEN, or none)
+
+    **Example:**
+
+    .. code:: python
+
+        downloaded_file(name="Model file", url="https://huggingface.co/o/r/resolve/<sha>/m.gguf",
+                        dest="/var/lib/llama-models/o--r/<sha12>/m.gguf", sha256="...",
+                        size=1894532128, record={"commit": "<sha>"}, connections=8)
+    """
+    if in_place(dest, sha256, size):
+        host.noop(f"{dest} is in place and verified")
         return
-    token = hf.token_for(model)
-    record = json.dumps({"commit": spec.commit, "repo": model.repo, "revision": model.revision})
-    args = ["--url", spec.url, "--dest", spec.dest, "--sha256", spec.sha256, "--size", str(spec.size),
-            "--record-json", record, "--connections", str(connections)]
+    token = hf.token_from(token_file)
+    args = ["--url", url, "--dest", dest, "--sha256", sha256, "--size", str(size),
+            "--record-json", json.dumps(record), "--connections", str(connections)]
     if token:
         args.append("--token-stdin")
-    yield f"mkdir -p {shlex.quote(os.path.dirname(spec.dest))}"
+    yield f"mkdir -p {shlex.quote(os.path.dirname(dest))}"
     yield remote.streamed(remote.helper_command("fetch_model.py", *args),
-                          f"download of {os.path.basename(spec.dest)}",
+                          f"download of {os.path.basename(dest)}",
                           stdin=token + "\n" if token else None)
 
 
 def model_file(spec: ModelFileSpec, model: ModelSpec, connections: int) -> None:
     """Define the operation that puts one model file in place."""
     if spec.local_path:
-        pushed_file(name=f"Model file {spec.dest}", spec=spec)
+        pushed_file(name=f"Model file {spec.dest}", src=spec.local_path, dest=spec.dest,
+                    sha256=spec.sha256, size=spec.size)
     else:
-        downloaded_file(name=f"Model file {spec.dest}", spec=spec, model=model,
-                        connections=connections)
+        downloaded_file(name=f"Model file {spec.dest}", url=spec.url, dest=spec.dest,
+                        sha256=spec.sha256, size=spec.size, connections=connections,
+                        record={"commit": spec.commit, "repo": model.repo,
+                                "revision": model.revision},
+                        token_file=model.token_file)

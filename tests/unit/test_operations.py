@@ -36,7 +36,11 @@ def build_commands(state):
     build = buildplan.plan_build(s, ("-DGGML_CUDA=OFF",))
     fake = FakeHost({BuildState: state})
     with ctx_host.use(fake):
-        return [str(c) for c in llamacpp.build._inner(settings=s, build=build)], fake, build
+        commands = llamacpp.build._inner(
+            source_dir=build.source_dir, build_dir=build.build_dir, commit=s.llamacpp_commit,
+            cmake_flags=list(build.cmake_flags), expected_system_info=[], jobs=2,
+            ccache_dir="/opt/llama.cpp/ccache")
+        return [str(c) for c in commands], fake, build
 
 
 def test_a_complete_build_is_a_noop():
@@ -131,3 +135,197 @@ def test_build_packages_are_pyinfras_apt_commands_streamed():
         "apt-get update",
         "DEBIAN_FRONTEND=noninteractive apt-get -y -o Dpkg::Options::=\"--force-confdef\" -o "
         "Dpkg::Options::=\"--force-confold\" install --no-install-recommends cmake"]
+
+
+COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+SRC = f"/opt/llama.cpp/src/{COMMIT}"
+
+
+def source_commands(marker, **kwargs):
+    from llmhost.facts import JsonFile
+
+    fake = FakeHost({JsonFile: marker})
+    with ctx_host.use(fake):
+        return list(llamacpp.source._inner(source_dir=SRC, commit=COMMIT, **kwargs)), fake
+
+
+def test_source_from_git_is_a_shallow_fetch_of_the_commit_moved_into_place():
+    commands, _ = source_commands(None, git_url="git://127.0.0.1/llama.cpp")
+    text = [str(c) for c in commands]
+    assert text[0] == f"rm -rf {SRC}.partial && mkdir -p {SRC}.partial"
+    assert f"fetch -q --depth 1 git://127.0.0.1/llama.cpp {COMMIT}" in text[1]
+    assert f"rev-parse HEAD)\" = {COMMIT}" in text[1]
+    assert text[2].endswith(f"rm -rf {SRC} && mv {SRC}.partial {SRC}")
+    for command in text:
+        assert subprocess.run(["sh", "-n", "-c", command]).returncode == 0
+
+
+def test_source_from_the_controller_is_pushed_and_unpacked():
+    from pyinfra.api import FileUploadCommand
+
+    commands, _ = source_commands(None, tarball="/home/me/llama.cpp.tar.gz")
+    upload = commands[1]
+    assert isinstance(upload, FileUploadCommand)
+    assert (upload.src, upload.dest) == ("/home/me/llama.cpp.tar.gz", f"{SRC}.tar.gz")
+    assert str(commands[2]).startswith(f"tar -xzf {SRC}.tar.gz -C {SRC}.partial --strip-components=1")
+    assert '"from": "local"' in str(commands[3])
+
+
+def test_a_present_source_is_a_noop():
+    commands, fake = source_commands({"commit": COMMIT}, git_url="https://github.com/ggml-org/llama.cpp")
+    assert commands == [] and fake.noops == ["llama.cpp source 0c1e57098bba is present"]
+
+
+def model_fact(size=None, mtime=None, record=None):
+    from llmhost.facts import ModelFile
+    return {ModelFile: {"size": size, "mtime_ns": mtime, "record": record}}
+
+
+DEST = "/var/lib/llama-models/o--r/abc123abc123/m.gguf"
+
+
+def test_a_verified_model_file_is_a_noop_and_a_rewritten_one_is_not():
+    from llmhost import weights
+
+    verified = model_fact(10, 5, {"sha256": "s" * 64, "mtime_ns": 5})
+    fake = FakeHost(verified)
+    with ctx_host.use(fake):
+        assert list(weights.pushed_file._inner(src="/m.gguf", dest=DEST, sha256="s" * 64, size=10)) == []
+    assert fake.noops == [f"{DEST} is in place and verified"]
+    rewritten = FakeHost(model_fact(10, 6, {"sha256": "s" * 64, "mtime_ns": 5}))
+    with ctx_host.use(rewritten):
+        assert list(weights.pushed_file._inner(src="/m.gguf", dest=DEST, sha256="s" * 64, size=10))
+
+
+def test_a_pushed_file_is_staged_verified_and_moved_by_the_helper():
+    from pyinfra.api import FileUploadCommand
+
+    from llmhost import weights
+
+    with ctx_host.use(FakeHost(model_fact())):
+        mkdir, upload, place = weights.pushed_file._inner(src="/m.gguf", dest=DEST, sha256="s" * 64,
+                                                          size=10)
+    assert mkdir == "mkdir -p /var/lib/llama-models/o--r/abc123abc123"
+    assert isinstance(upload, FileUploadCommand) and upload.dest == DEST + ".partial"
+    assert place.startswith(f"python3 /usr/local/lib/llmhost/place_model.py --staged {DEST}.partial "
+                            f"--dest {DEST} --sha256 {'s' * 64} --size 10")
+
+
+def test_a_download_sends_the_token_on_stdin_only(tmp_path, monkeypatch):
+    from llmhost import weights
+
+    token = tmp_path / "token"
+    token.write_text("hf_secret_value\n")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with ctx_host.use(FakeHost(model_fact())):
+        mkdir, fetch = weights.downloaded_file._inner(
+            url="https://hub/o/r/resolve/abc/m.gguf", dest=DEST, sha256="s" * 64, size=10,
+            record={"commit": "abc"}, connections=4, token_file=str(token))
+    assert "hf_secret_value" not in str(fetch) and "--token-stdin" in str(fetch)
+    assert fetch.connector_arguments["_stdin"] == "hf_secret_value\n"
+    with ctx_host.use(FakeHost(model_fact())):
+        _, anonymous = weights.downloaded_file._inner(
+            url="https://hub/o/r/resolve/abc/m.gguf", dest=DEST, sha256="s" * 64, size=10,
+            record={"commit": "abc"}, connections=4)
+    assert "--token-stdin" not in str(anonymous) and "_stdin" not in anonymous.connector_arguments
+
+
+def unit_state(sha=None, enabled=False, active=False, missing=()):
+    return {"sha256": sha, "enabled": enabled, "active": active, "missing": list(missing)}
+
+
+def gated(facts, **overrides):
+    from types import SimpleNamespace
+
+    from pyinfra.context import ctx_state
+
+    from llmhost import services
+
+    args = dict(unit="llama-main.service", unit_text="[Service]\nExecStart=/b/llama-server\n",
+                health_url="http://127.0.0.1:18082/health",
+                argv_options=["/b/llama-server", "--model", "--port"], timeout=300,
+                service_name="main")
+    args.update(overrides)
+    fake = FakeHost(facts)
+    fake.name, fake.logged = "gpu1", []
+    fake.log_styled = lambda text, **kw: fake.logged.append(text)
+    with ctx_host.use(fake), ctx_state.use(SimpleNamespace(is_executing=True)):
+        return list(services.health_gated_unit._inner(**args)), fake
+
+
+def test_an_unchanged_active_unit_is_a_noop_unless_asked_to_restart():
+    import hashlib
+
+    from llmhost.facts import ServerOptions, UnitState
+
+    text = "[Service]\nExecStart=/b/llama-server\n"
+    same = {UnitState: unit_state(hashlib.sha256(text.encode()).hexdigest(), True, True),
+            ServerOptions: {"--model", "--port"}}
+    commands, fake = gated(same)
+    assert commands == [] and fake.noops == ["llama-main.service is up to date and active"]
+    commands, _ = gated(same, restart_if=lambda: True)  # a repaired build under the same unit
+    assert len(commands) == 1
+
+
+def test_a_changed_unit_goes_to_the_switch_helper_with_its_gpus_on_stdin():
+    from llmhost.facts import ServerOptions, UnitState
+
+    (switch,), _ = gated({UnitState: unit_state(), ServerOptions: {"--model", "--port"}},
+                         on_gpu=True, gpus=[1])
+    assert str(switch) == "python3 /usr/local/lib/llmhost/switch_service.py"
+    request = json.loads(switch.connector_arguments["_stdin"])
+    assert request == {"unit": "llama-main.service", "text": "[Service]\nExecStart=/b/llama-server\n",
+                       "health_url": "http://127.0.0.1:18082/health", "timeout": 300,
+                       "replaces": [], "gpu": {"gpus": [1]}}
+    (cpu,), _ = gated({UnitState: unit_state(), ServerOptions: {"--model", "--port"}})
+    assert "gpu" not in json.loads(cpu.connector_arguments["_stdin"])
+
+
+def test_an_option_the_build_does_not_list_fails_before_the_unit_changes():
+    from pyinfra.api import FunctionCommand
+
+    from llmhost.facts import ServerOptions, UnitState
+
+    (fail,), _ = gated({UnitState: unit_state(), ServerOptions: {"--model"}})
+    assert isinstance(fail, FunctionCommand)
+    assert fail.args[0].startswith("host gpu1: llm_services.main: found --port, which /b/llama-server "
+                                   "--help does not list")
+
+
+def test_a_retired_unit_is_left_alone_and_a_live_one_is_retired():
+    from llmhost import services
+    from llmhost.facts import UnitState
+
+    fake = FakeHost({UnitState: unit_state()})
+    with ctx_host.use(fake):
+        assert list(services.retired_units._inner(units=["llama-old.service"])) == []
+    assert fake.noops == ["llama-old.service already retired"]
+    with ctx_host.use(FakeHost({UnitState: unit_state("a" * 64, True, True)})):
+        (retire,) = services.retired_units._inner(units=["llama-old.service"])
+    assert json.loads(retire.connector_arguments["_stdin"]) == {"retire": ["llama-old.service"]}
+
+
+def test_a_key_is_made_only_when_missing_and_its_mode_kept():
+    from pyinfra.facts.files import File
+
+    from llmhost import services
+
+    path = "/etc/llama/keys/main.key"
+    with ctx_host.use(FakeHost({File: None})):
+        made = [str(c) for c in services.generated_key._inner(path=path, group="llama")]
+    assert made[0].startswith("umask 077 && head -c 32 /dev/urandom") and made[0].endswith(f"mv {path}.tmp {path}")
+    assert made[1] == f"chown root:llama {path} && chmod 640 {path}"
+    loose = {"size": 64, "user": "root", "group": "llama", "mode": 644}
+    with ctx_host.use(FakeHost({File: loose})):
+        assert [str(c) for c in services.generated_key._inner(path=path, group="llama")] == [made[1]]
+    good = FakeHost({File: {**loose, "mode": 640}})
+    with ctx_host.use(good):
+        assert list(services.generated_key._inner(path=path, group="llama")) == []
+    assert good.noops == [f"API key {path} is present with root:llama 640"]
+
+
+def test_a_failed_preflight_fails_the_host_with_every_problem():
+    from llmhost import preflight
+
+    (fail,) = preflight.preflight_failed._inner(problems=["host h: a: found x", "host h: b: found y"])
+    assert fail.args[0] == "preflight failed, nothing was changed on this host:\nhost h: a: found x\nhost h: b: found y"
