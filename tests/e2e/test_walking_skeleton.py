@@ -252,7 +252,8 @@ def test_user_drop_in_survives_and_only_the_changed_service_restarts(converged):
     result = run_deploy(converged["inventory"]("parallel.py", translate={"parallel": 4}),
                         env=converged["env"])
     assert result.returncode == 0, result.output[-4000:]
-    assert result.changed_operations == ["Service llama-translate.service"]
+    # The manifest records the full flag intent: parallel is in it.
+    assert result.changed_operations == ["Service llama-translate.service", "Manifest for tests/host"]
     after = {name: ssh(host, f"systemctl show -p MainPID --value llama-{name}").stdout.strip()
              for name in converged["ports"]}
     assert after["chat"] == pids["chat"], "an unchanged service was restarted"
