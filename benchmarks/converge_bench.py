@@ -22,7 +22,7 @@ from tests.support import cache, deployment, sandbox
 STEPS = (  # (step, predicate on the operation name)
     ("packages", lambda op: op.startswith("Install build packages")),
     ("user, directories, helpers", lambda op: op.split(" ")[0] in ("Group", "System", "memlock",
-                                                                    "Directory", "Helper")),
+                                                                    "Directory", "Host")),
     ("llama.cpp source", lambda op: op == "llama.cpp source"),
     ("llama.cpp build", lambda op: op == "llama.cpp build"),
     ("model", lambda op: op.startswith("Model file")),
@@ -68,7 +68,9 @@ def main() -> int:
                 return 1
             ops = [json.loads(line) for line in timings.read_text().splitlines()]
             for step, matches in STEPS:
-                rows.append((f"deploy: {step}", sum(o["seconds"] for o in ops if matches(o["operation"]))))
+                # Operations of the packaged deploy are named "llama.cpp server | <name>".
+                rows.append((f"deploy: {step}", sum(o["seconds"] for o in ops
+                                                    if matches(o["operation"].rpartition(" | ")[2]))))
             rows.append(("deploy total (pyinfra CLI, connect to exit)", first.seconds))
             reruns = []
             for _ in range(args.reruns):

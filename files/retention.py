@@ -38,7 +38,9 @@ def size_of(path: str) -> int:
 
 
 def versions(install_dir: str, model_dir: str) -> list[dict]:
-    """Builds (with their .log), sources, and model folders (hf: owner--repo/commit12, local-sha12)."""
+    """Builds (with their .log), sources, and model folders (hf: owner--repo/commit12, local-sha12).
+    No sizes: walking every file of every build on each deploy would slow the no-op rerun; the
+    removal says what it freed."""
     found = []
     patterns = (("build", f"{install_dir}/builds/*/"), ("source", f"{install_dir}/src/*/"),
                 ("model", f"{model_dir}/*--*/*/"), ("model", f"{model_dir}/local-*/"))
@@ -47,8 +49,7 @@ def versions(install_dir: str, model_dir: str) -> list[dict]:
             path = path.rstrip("/")
             if path.endswith(".partial"):
                 continue  # an unfinished source or download: its own step resumes or replaces it
-            found.append({"kind": kind, "path": path, "mtime": os.stat(path).st_mtime,
-                          "bytes": size_of(path)})
+            found.append({"kind": kind, "path": path, "mtime": os.stat(path).st_mtime})
     return found
 
 

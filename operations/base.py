@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import shlex
 from io import StringIO
+from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import StringCommand, operation
+from pyinfra.api import FileUploadCommand, StringCommand, operation
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server
 
 from llmhost import data_dir, remote
+from llmhost.facts import FileDigests
 from llmhost.remote import HELPER_DIR
 from llmhost.settings import HostSettings
 
@@ -76,10 +80,39 @@ def directories(settings: HostSettings) -> None:
 NOT_DEPLOYED = ("__init__.py", "bench_service.py")
 
 
+@operation()
+def helper_files(sources: dict[str, str], dest_dir: str):
+    """Our host helpers in ``dest_dir``, root:root 0755, exactly the files of ``sources``: one
+    fact reads them all (name, sha256, owner, mode), and only the files that differ are
+    uploaded; a helper no longer shipped is removed.
+
+    + sources: file name -> its path on the controller
+    + dest_dir: the folder on the host
+
+    **Example:**
+
+    .. code:: python
+
+        helper_files(name="Host helpers", sources={"switch_service.py": "/.../switch_service.py"},
+                     dest_dir="/usr/local/lib/llmhost")
+    """
+    present = host.get_fact(FileDigests, path=dest_dir)
+    wanted = {name: hashlib.sha256(Path(src).read_bytes()).hexdigest() for name, src in sources.items()}
+    changed = sorted(n for n, digest in wanted.items() if present.get(n) != (digest, "root", "root", "755"))
+    stale = sorted(set(present) - set(wanted))
+    if not changed and not stale:
+        host.noop(f"{len(wanted)} helpers in {dest_dir} are up to date")
+        return
+    for name in changed:
+        yield FileUploadCommand(sources[name], f"{dest_dir}/{name}")
+    paths = " ".join(shlex.quote(f"{dest_dir}/{name}") for name in changed)
+    if changed:
+        # With _sudo an upload lands as the login user until it is chowned.
+        yield f"chown root:root {paths} && chmod 755 {paths}"
+    if stale:
+        yield "rm -f " + " ".join(shlex.quote(f"{dest_dir}/{name}") for name in stale)
+
+
 def helpers() -> None:
-    for script in sorted(FILES.glob("*.py")):
-        if script.name in NOT_DEPLOYED:
-            continue
-        # Owner given: with _sudo an upload lands as the login user until it is chowned.
-        files.put(name=f"Helper {script.name}", src=str(script), dest=f"{HELPER_DIR}/{script.name}",
-                  user="root", group="root", mode="755")
+    sources = {p.name: str(p) for p in sorted(FILES.glob("*.py")) if p.name not in NOT_DEPLOYED}
+    helper_files(name="Host helpers", sources=sources, dest_dir=HELPER_DIR)

@@ -101,6 +101,29 @@ class UnitState(FactBase):
                 "missing": [line.split(" ", 1)[1] for line in lines[3:] if line.startswith("missing ")]}
 
 
+class FileDigests(FactBase):
+    """Name -> (sha256, owner, group, mode) of the regular files in a folder, in one command;
+    {} when the folder does not exist yet."""
+
+    def command(self, path: str) -> str:
+        q = shlex.quote(path)
+        return (f"cd {q} 2>/dev/null && for f in *; do [ -f \"$f\" ] || continue; "
+                f"echo \"$(sha256sum \"$f\" | cut -d' ' -f1) $(stat -c '%U %G %a' \"$f\") $f\"; done; true")
+
+    def process(self, output):
+        found = {}
+        for line in output:
+            parts = line.split(" ", 4)
+            if len(parts) == 5:
+                digest, user, group, mode, name = parts
+                found[name] = (digest, user, group, mode)
+        return found
+
+    @staticmethod
+    def default():
+        return {}
+
+
 class KeyAccepted(FactBase):
     """Whether the running service accepts the key in its key file (/v1/models with it): False
     when it answers 401, as after the file was replaced or made again while it ran; None when

@@ -31,7 +31,6 @@ class StoredVersion:
     kind: str  # build, source or model
     path: str
     mtime: float
-    bytes: int
 
 
 class StoredVersions(FactBase):
@@ -112,9 +111,7 @@ def old_versions(install_dir: str, model_dir: str, rendered: dict[str, str], kee
         host.noop(f"retention: nothing to remove (each kind keeps its {keep_previous} newest spare)")
         return
     if not state.is_executing:  # the plan, also under --dry; the helper says what it freed
-        total = sum(v.bytes for v in going)
-        host.log_styled(f"retention: will remove {', '.join(v.path for v in going)} "
-                        f"({total / 1e9:.1f} GB)", fg="yellow")
+        host.log_styled(f"retention: will remove {', '.join(v.path for v in going)}", fg="yellow")
     yield remote.streamed(
         remote.helper_command(HELPER, "--install-dir", install_dir, "--model-dir", model_dir,
                               "--remove"), "retention", stdin=json.dumps([v.path for v in going]))

@@ -146,7 +146,9 @@ def test_first_run_converges(converged):
                "Service llama-chat.service"):
         assert op in changed, changed
     # The bench brings its own helper when it runs: a deploy never ships it.
-    assert "Helper bench_service.py" not in changed and "Helper switch_service.py" in changed
+    assert "Host helpers" in changed
+    shipped = ssh(converged["host"], "ls /usr/local/lib/llmhost").stdout.split()
+    assert "switch_service.py" in shipped and "bench_service.py" not in shipped, shipped
     # The download's progress reached pyinfra's normal output.
     assert "done:" in converged["first"].output and "verified" in converged["first"].output
 

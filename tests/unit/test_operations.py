@@ -329,3 +329,39 @@ def test_a_failed_preflight_fails_the_host_with_every_problem():
 
     (fail,) = preflight.preflight_failed._inner(problems=["host h: a: found x", "host h: b: found y"])
     assert fail.args[0] == "preflight failed, nothing was changed on this host:\nhost h: a: found x\nhost h: b: found y"
+
+
+def test_file_digests_reads_a_folder_in_one_command(tmp_path):
+    from llmhost.facts import FileDigests
+
+    (tmp_path / "a.py").write_text("print(1)\n")
+    (tmp_path / "sub").mkdir()
+    found = run_fact(FileDigests, path=str(tmp_path))
+    digest, user, group, mode = found["a.py"]
+    assert list(found) == ["a.py"] and len(digest) == 64 and mode == "644"
+    assert run_fact(FileDigests, path=str(tmp_path / "none")) == {}
+
+
+def test_helpers_upload_only_what_differs_and_remove_what_is_no_longer_shipped(tmp_path):
+    import hashlib
+
+    from pyinfra.api import FileUploadCommand
+
+    from llmhost import base
+    from llmhost.facts import FileDigests
+
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text(name)
+    sources = {name: str(tmp_path / name) for name in ("a.py", "b.py")}
+    same = (hashlib.sha256(b"a.py").hexdigest(), "root", "root", "755")
+    fake = FakeHost({FileDigests: {"a.py": same, "bench_service.py": same}})
+    with ctx_host.use(fake):
+        commands = list(base.helper_files._inner(sources=sources, dest_dir="/usr/local/lib/llmhost"))
+    assert isinstance(commands[0], FileUploadCommand) and commands[0].dest == "/usr/local/lib/llmhost/b.py"
+    assert commands[1:] == ["chown root:root /usr/local/lib/llmhost/b.py && chmod 755 /usr/local/lib/llmhost/b.py",
+                            "rm -f /usr/local/lib/llmhost/bench_service.py"]
+    current = FakeHost({FileDigests: {"a.py": same, "b.py": (hashlib.sha256(b"b.py").hexdigest(),
+                                                            "root", "root", "755")}})
+    with ctx_host.use(current):
+        assert list(base.helper_files._inner(sources=sources, dest_dir="/usr/local/lib/llmhost")) == []
+    assert current.noops == ["2 helpers in /usr/local/lib/llmhost are up to date"]

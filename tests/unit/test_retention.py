@@ -23,7 +23,7 @@ def unit(build: str, model: str) -> str:
 
 
 def v(kind: str, path: str, mtime: float) -> StoredVersion:
-    return StoredVersion(kind, path, mtime, 1_000_000)
+    return StoredVersion(kind, path, mtime)
 
 
 BUILDS = [v("build", f"{B}/0c1e57098bba-aaaa0001", 1), v("build", f"{B}/0c1e57098bba-aaaa0002", 2),
