@@ -15,7 +15,7 @@ import pytest
 
 from llmhost import data_dir
 from llmhost.hostcheck import each
-from llmhost.gpu import system_info_fa_pairs
+from llmhost.buildplan import system_info_fa_pairs
 
 # The same check the deploy's health gate runs on the host (files/gpu_check.py), sent as source.
 GPU_CHECK = (data_dir("files") / "gpu_check.py").read_text()
