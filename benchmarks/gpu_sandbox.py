@@ -556,6 +556,7 @@ def faults(args) -> int:
                  if "without its GPU" in l or "no previous unit" in l]
         say(f"fault 2 (GPU hidden by the unit): exit {hidden.returncode}; " + " | ".join(lines))
         _sh(host, "rm -rf /etc/systemd/system/llama-hidden.service.d")
+        _hidden_from_the_new_unit(host)
         # 3. A flag this build rejects: refused before the unit changes.
         flag = _deploy(_inventory(host, "flag.py", services={"main": {"extra_args": ["--no-such-flag"]}}),
                        "faults.log", "a flag the build rejects")
@@ -565,6 +566,52 @@ def faults(args) -> int:
         say(f"after the faults: exit {back.returncode}, changed: {back.changed_operations}")
         _verify(inventory, "verify-faults.log", "after the faults")
     return 0
+
+
+HIDE_MAIN = "/etc/systemd/system/llama-main.service.d/hide-gpu.conf"
+# On the host, bounded (300 s): once the new unit's process runs (with the drop-in in force),
+# remove the drop-in file without a daemon-reload. The switch's rollback reloads systemd, so
+# the previous unit starts with its GPUs again: the GPU is hidden from the new unit only.
+UNHIDE_WATCHER = (
+    "old=$(systemctl show -p MainPID --value llama-main); end=$(( $(date +%s) + 300 )); "
+    "while [ $(date +%s) -lt $end ]; do p=$(systemctl show -p MainPID --value llama-main); "
+    f"if [ \"$p\" != \"$old\" ] && [ \"$p\" != 0 ]; then rm -f {HIDE_MAIN}; "
+    "echo \"new pid $p ran with the GPU hidden\" > /run/unhide.log; exit 0; fi; sleep 0.1; done; "
+    "echo no new pid in 300 s > /run/unhide.log")
+
+
+def _hidden_from_the_new_unit(host) -> None:
+    """Fault 2b: the serving GPU service gets a changed unit whose GPUs are hidden (a drop-in
+    narrowing DeviceAllow, in this test only); the gate must refuse it and the previous unit
+    must serve on the GPU again."""
+    _sh(host, f"mkdir -p {os.path.dirname(HIDE_MAIN)} && printf '[Service]\\nDeviceAllow=\\n"
+              f"DeviceAllow=/dev/nvidiactl rw\\nDeviceAllow=/dev/nvidia-uvm rw\\n' > {HIDE_MAIN}",
+        check=True)
+    # A script file: systemd would expand the $ words of a command line given to systemd-run.
+    _sh(host, f"cat > /run/unhide.sh <<'EOF'\n{UNHIDE_WATCHER}\nEOF", check=True)
+    host.exec("systemd-run", "--unit=llmhost-test-unhide", "--collect", "bash", "/run/unhide.sh",
+              check=True)
+    from tests.support.health import HealthPoller
+
+    poller = HealthPoller(GPU_PORT)
+    poller.start()
+    started = time.monotonic()
+    changed = _deploy(_inventory(host, "hidden-main.py", services={"main": {
+        "ctx_size": 65536, "extra_args": ["--no-warmup", "--no-repack"]}}),
+        "faults.log", "main with a changed unit whose GPUs are hidden")
+    time.sleep(2)
+    poller.stop()
+    lines = [l.strip() for l in changed.output.splitlines()
+             if "without its GPU" in l or "ROLLED" in l]
+    say(f"fault 2b (the serving service's new unit hides the GPU): exit {changed.returncode}; "
+        + " | ".join(lines) + f"; watcher: {_sh(host, 'cat /run/unhide.log').strip()}")
+    say(f"fault 2b: /health outages (s after the deploy started, length): "
+        f"{[(round(s - started, 1), round(d, 1)) for s, d in poller.outages()]}")
+    evidence = _gpu_evidence(host, "llama-main.service")
+    ctx = _sh(host, "systemctl show -p ExecStart --value llama-main | grep -o -- '--ctx-size [0-9]*'")
+    say(f"fault 2b: after the rollback, llama-main ({ctx.strip()}): ok={evidence['ok']}, "
+        f"{evidence['reason']}")
+    _sh(host, f"rm -rf {os.path.dirname(HIDE_MAIN)} && systemctl daemon-reload")
 
 
 def shell(args) -> int:
