@@ -61,6 +61,8 @@ ON_DEVICE = {"click", "jinja2", "markupsafe", "python_dateutil", "six", "packagi
              "urllib3", "idna", "certifi", "charset_normalizer", "pytest", "pluggy", "iniconfig",
              "pygments", "typing_extensions", "setuptools"}
 SANDBOX = "gpuhost"
+# As on cloud GPU images: an ordinary login user with passwordless sudo, root's login refused.
+LOGIN_USER = os.environ.get("LLMHOST_GPU_LOGIN_USER", "ops")
 GPU_PORT, CPU_PORT = 18082, 18083
 HIDDEN_PORT = 18090
 
@@ -329,11 +331,13 @@ def _sandbox():
         data = json.loads(state.read_text())
         return sandbox.SandboxHost(name=SANDBOX, suite="bookworm", workdir=workdir,
                                    ssh_port=data["ssh_port"], key_path=workdir / "id_ed25519",
-                                   binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz")
+                                   binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
+                                   login_user=LOGIN_USER)
     workdir.mkdir(parents=True)
     host = sandbox.SandboxHost(name=SANDBOX, suite="bookworm", workdir=workdir,
                                ssh_port=sandbox.free_port(), key_path=workdir / "id_ed25519",
-                               binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz")
+                               binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
+                               login_user=LOGIN_USER)
     host.prepare()
     root = host.root
     if REHEARSAL:
