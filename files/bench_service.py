@@ -456,8 +456,8 @@ class Bench:
                              f"of this host; expected the service's own (loopback) address")
         self.base = f"{url.scheme}://{url.netloc}"
         key = None
-        if s.get("api_key_file"):
-            with open(s["api_key_file"]) as f:
+        if s.get("key_file"):
+            with open(s["key_file"]) as f:
                 key = f.read().strip()
         self.server = Server(self.base, key)
         status = self.server.health()
@@ -479,15 +479,16 @@ class Bench:
             props = {}
         generation = props.get("default_generation_settings") or {}
         # What the deploy intended, from its manifest; only the per-slot context is the server's.
-        ctx_size, parallel = s["ctx_size"], s["parallel"]
+        intent = s["settings"]  # the service's settings as the deploy recorded them
+        ctx_size, parallel = intent["ctx_size"], intent["parallel"]
         per_slot = generation.get("n_ctx") or ctx_size // parallel
         llama = self.manifest["llama_cpp"]
         build_dir = llama["build_dir"]
-        gpu_layers = s["gpu_layers"]
+        gpu_layers = intent["gpu_layers"]
         template = props.get("chat_template") or ""
         model_path = s["model_path"]
         self.uses_gpu = gpu_layers > 0
-        self.gpus = s.get("gpus")
+        self.gpus = intent["gpus"]
         self.per_slot = per_slot
         self.slots = parallel
         self.bench_binary = llama["bench"]
@@ -497,10 +498,10 @@ class Bench:
             "model_path": model_path, "model_file": os.path.basename(model_path or ""),
             "model_bytes": os.path.getsize(model_path) if model_path and os.path.exists(model_path) else None,
             "gpu_layers": gpu_layers, "gpus": self.gpus,
-            "cache_type_k": s["cache_type_k"], "cache_type_v": s["cache_type_v"],
+            "cache_type_k": intent["cache_type_k"], "cache_type_v": intent["cache_type_v"],
             "ctx_size": ctx_size, "parallel": parallel, "per_slot_ctx": per_slot,
-            "flash_attn": s["flash_attn"], "reasoning": s["reasoning"],
-            "threads": s["threads"], "load_mode": s["load_mode"],
+            "flash_attn": intent["flash_attn"], "reasoning": intent["reasoning"],
+            "threads": intent["threads"], "load_mode": intent["load_mode"],
             "chat_template_has_thinking": has_thinking(template),
             "build_info": props.get("build_info"),
         }

@@ -1,6 +1,6 @@
-"""The guide's two services (seed/rtx5090-llamacpp-guide.txt, section 4), made safe: loopback
-bind and an API key by default, and `--load-mode mmap+mlock` where the guide had `--mlock`
-(the pinned llama.cpp no longer has that flag)."""
+"""The guide's two services (benchmarks/reference/rtx5090-llamacpp-guide.txt, section 4), made
+safe: loopback bind and an API key by default, and `--load-mode mmap+mlock` where the guide had
+`--mlock` (the pinned llama.cpp no longer has that flag)."""
 
 llm_services = {
     # The GPU model server: Qwen3.5-35B-A3B UD-Q4_K_XL with its vision projector.

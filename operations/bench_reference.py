@@ -1,5 +1,6 @@
-"""What a bench result is held to: the guide's own figures (seed/rtx5090-llamacpp-guide.txt), for
-the hardware and model the guide measured, and nothing else.
+"""What a bench result is held to: the guide's own figures
+(benchmarks/reference/rtx5090-llamacpp-guide.txt), for the hardware and model the guide measured,
+and nothing else.
 
 Each measured figure becomes a Row: PASS (within the tolerance of the guide's figure), BELOW, or
 NO-REFERENCE (no one measured this GPU, model or setting in the guide: the figure is shown, never
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOLERANCE = 0.90  # a user accepts 90% of the guide's throughput (or 1/0.9 of its latency)
-SOURCE = "seed/rtx5090-llamacpp-guide.txt"
+SOURCE = "benchmarks/reference/rtx5090-llamacpp-guide.txt"
 
 PASS, BELOW, NO_REFERENCE, SKIPPED = "PASS", "BELOW", "NO-REFERENCE", "SKIPPED"
 

@@ -13,7 +13,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-VERSION = 2
+from llmhost.settings import ModelSpec, ServiceSpec
+
+# 3: a service's settings are recorded whole, as settings.ServiceSpec (2 listed ten of them).
+VERSION = 3
 
 
 class ManifestError(ValueError):
@@ -29,24 +32,16 @@ class ModelFileRecord:
 
 @dataclass(frozen=True)
 class ServiceRecord:
-    """One service: its unit and address, its model files, and the full flag intent."""
+    """One service: the settings it was deployed with and what the deploy made of them (its
+    unit, address, key file, model files and argv). ``settings`` is the deploy's own
+    settings.ServiceSpec, so a setting declared there is recorded, written and read back with
+    no edit here."""
 
     name: str
     unit: str
-    host: str
-    port: int
     health_url: str
-    api_key_file: str | None
-    gpu_layers: int
-    gpus: tuple[int, ...] | None
-    ctx_size: int
-    parallel: int
-    flash_attn: str
-    cache_type_k: str
-    cache_type_v: str
-    load_mode: str
-    reasoning: str
-    threads: int | None
+    key_file: str | None          # the API key's path on the host; None without a key
+    settings: ServiceSpec
     model_path: str
     files: tuple[ModelFileRecord, ...]
     unit_sha256: str
@@ -54,7 +49,11 @@ class ServiceRecord:
 
     @property
     def kv_pair(self) -> tuple[str, str]:
-        return (self.cache_type_k, self.cache_type_v)
+        return (self.settings.cache_type_k, self.settings.cache_type_v)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.settings.uses_gpu
 
 
 @dataclass(frozen=True)
@@ -110,11 +109,8 @@ class Manifest:
 
         services = tuple(
             ServiceRecord(
-                name=s.name, unit=s.unit_name, host=s.host, port=s.port, health_url=s.health_url,
-                api_key_file=key_path(settings, s), gpu_layers=s.gpu_layers, gpus=s.gpus,
-                ctx_size=s.ctx_size, parallel=s.parallel, flash_attn=s.flash_attn,
-                cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v, load_mode=s.load_mode,
-                reasoning=s.reasoning, threads=s.threads,
+                name=s.name, unit=s.unit_name, health_url=s.health_url,
+                key_file=key_path(settings, s), settings=s,
                 model_path=models[s.name].model_path,
                 files=tuple(ModelFileRecord(f.dest, f.sha256, f.size) for f in models[s.name].files),
                 unit_sha256=hashlib.sha256(rendered[s.unit_name].encode()).hexdigest(),
@@ -139,7 +135,23 @@ def _record(cls, data: dict):
             value = tuple(ModelFileRecord(**item) for item in value)
         elif f.name == "fa_pairs":
             value = tuple(tuple(pair) for pair in value)
+        elif f.name == "settings":
+            value = _service_settings(value)
         elif isinstance(value, list):
             value = tuple(value)
         values[f.name] = value
     return cls(**values)
+
+
+def _service_settings(data: dict) -> ServiceSpec:
+    """A service's settings from JSON. A setting this manifest lacks (declared after the deploy
+    that wrote it) reads as its declared default."""
+    values = {}
+    for f in fields(ServiceSpec):
+        value = data.get(f.name, f.default)
+        if f.name == "model" and value is not None:
+            value = ModelSpec(**value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return ServiceSpec(**values)

@@ -163,14 +163,16 @@ OWN_FOLDER = "an absolute path without spaces or .., not a system folder (/, /et
 
 def setting(default: Any, meaning: str, *, types: tuple[type, ...], allowed: str = "",
             check: Callable[[Any], bool] | None = None, choices: tuple[Any, ...] = (),
-            convert: Callable[[Any], Any] | None = None) -> Any:
+            convert: Callable[[Any], Any] | None = None, owns: tuple[str, ...] = ()) -> Any:
     """A setting, declared once as the field of the typed object it fills: its default, its
     meaning, the type it has in host data and its check. The validation, the README tables
-    (python -m llmhost.docs) and the typed objects all come from these fields. ``convert``
-    turns the value of host data into the field's (a list into a tuple, say)."""
+    (python -m llmhost.docs), the typed objects and the manifest all come from these fields.
+    ``convert`` turns the value of host data into the field's (a list into a tuple, say);
+    ``owns`` lists the llama-server options (every alias its --help lists at the pinned commit)
+    the setting sets, which extra_args may then not set."""
     return field(default=default, metadata={"setting": {
         "types": types, "meaning": meaning, "allowed": allowed, "check": check,
-        "choices": choices, "convert": convert}})
+        "choices": choices, "convert": convert, "owns": owns}})
 
 
 def settings_of(cls, prefix: str = "") -> tuple[Setting, ...]:
@@ -235,47 +237,61 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """One llama-server service: llm_services.<name>."""
+    """One llama-server service: llm_services.<name>. ``owns``: the llama-server options the
+    setting sets (each alias --help lists at the pinned commit), which extra_args may not set."""
 
     # port and model are required (validation says so); None only as the declared default.
     port: int = setting(None, "TCP port llama-server listens on (required)", types=(int,),
-                        allowed="an integer from 1 to 65535", check=_port)
+                        allowed="an integer from 1 to 65535", check=_port, owns=("--port",))
     host: str = setting("127.0.0.1", "address llama-server binds; loopback unless a key is set",
-                        types=(str,), allowed="an IP address", check=_ip)
+                        types=(str,), allowed="an IP address", check=_ip, owns=("--host",))
     model: ModelSpec = setting(None, "the model to serve (see the model settings; required)",
-                               types=(dict,))
+                               types=(dict,),
+                               owns=("-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo",
+                                     "-hff", "--hf-file", "-mm", "--mmproj", "-mmu",
+                                     "--mmproj-url"))
     gpu_layers: int = setting(0, "-ngl: layers offloaded to the GPU; 0 is a CPU-only service",
-                              types=(int,), allowed="a non-negative integer", check=_non_negative)
+                              types=(int,), allowed="a non-negative integer", check=_non_negative,
+                              owns=("-ngl", "--gpu-layers", "--n-gpu-layers"))
     ctx_size: int = setting(4096, "-c: total context, shared by the slots", types=(int,),
-                            allowed="a positive integer", check=_positive)
+                            allowed="a positive integer", check=_positive,
+                            owns=("-c", "--ctx-size"))
     parallel: int = setting(4, "-np: parallel slots (concurrent requests)", types=(int,),
-                            allowed="a positive integer", check=_positive)
+                            allowed="a positive integer", check=_positive,
+                            owns=("-np", "--parallel"))
     flash_attn: str = setting("on", "-fa: flash attention (required for a quantized V cache)",
-                              types=(str,), choices=ON_OFF_AUTO)
-    cache_type_k: str = setting("f16", "-ctk: K cache type", types=(str,), choices=CACHE_TYPES)
-    cache_type_v: str = setting("f16", "-ctv: V cache type", types=(str,), choices=CACHE_TYPES)
+                              types=(str,), choices=ON_OFF_AUTO, owns=("-fa", "--flash-attn"))
+    cache_type_k: str = setting("f16", "-ctk: K cache type", types=(str,), choices=CACHE_TYPES,
+                                owns=("-ctk", "--cache-type-k"))
+    cache_type_v: str = setting("f16", "-ctv: V cache type", types=(str,), choices=CACHE_TYPES,
+                                owns=("-ctv", "--cache-type-v"))
     load_mode: str = setting("mmap+mlock", "--load-mode (the guide's --mlock is mmap+mlock at the "
-                                           "pinned commit)", types=(str,), choices=LOAD_MODES)
+                                           "pinned commit)", types=(str,), choices=LOAD_MODES,
+                             owns=("-lm", "--load-mode"))
     reasoning: str = setting("auto", "--reasoning: thinking on, off or per request", types=(str,),
-                             choices=ON_OFF_AUTO)
+                             choices=ON_OFF_AUTO, owns=("-rea", "--reasoning"))
     reasoning_format: str | None = setting(None, "--reasoning-format (the guide's main service: "
                                                  "deepseek)", types=(str,),
-                                           choices=REASONING_FORMATS)
+                                           choices=REASONING_FORMATS, owns=("--reasoning-format",))
     reasoning_budget: int | None = setting(None, "--reasoning-budget: thinking token cap (-1 "
                                                  "unlimited)", types=(int,),
-                                           allowed="an integer >= -1", check=lambda v: v >= -1)
+                                           allowed="an integer >= -1", check=lambda v: v >= -1,
+                                           owns=("--reasoning-budget",))
     threads: int | None = setting(None, "-t: CPU threads for generation; unset lets llama.cpp "
                                         "choose", types=(int,), allowed="a positive integer",
-                                  check=_positive)
-    metrics: bool = setting(True, "--metrics: Prometheus /metrics endpoint", types=(bool,))
-    alias: str | None = setting(None, "--alias: model name reported by the API", types=(str,))
+                                  check=_positive, owns=("-t", "--threads"))
+    metrics: bool = setting(True, "--metrics: Prometheus /metrics endpoint", types=(bool,),
+                            owns=("--metrics",))
+    alias: str | None = setting(None, "--alias: model name reported by the API", types=(str,),
+                                owns=("-a", "--alias"))
     gpus: tuple[int, ...] | None = setting(None, "GPU indexes the service may use "
                                                  "(CUDA_VISIBLE_DEVICES)", types=(list,),
                                            allowed="a list of non-negative integers",
                                            check=_gpu_indexes, convert=tuple)
     api_key_file: str | None = setting(None, "controller path of a file holding this service's "
                                              "API key; unset: generated on the host", types=(str,),
-                                       allowed="an absolute path", check=_abs_path)
+                                       allowed="an absolute path", check=_abs_path,
+                                       owns=("--api-key-file",))
     allow_public_without_key: bool = setting(False, "allow a non-loopback bind with the API key "
                                                     "disabled (api_key: false)", types=(bool,))
     api_key: bool = setting(True, "require an API key (true) or serve without one (false); keys "
@@ -429,29 +445,11 @@ def _validate_block(where: str, data: Mapping[str, Any], settings: tuple[Setting
     return values
 
 
-# Options of llama-server (every alias its --help lists at the pinned commit) that a setting
-# owns: extra_args may not set them, or the unit carries two values and the later one wins,
-# past the checks of the setting (an open bind without a key, say).
+# What each service setting owns: extra_args may not set it, or the unit carries two values and
+# the later one wins, past the checks of the setting (an open bind without a key, say).
 OWNED_OPTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo", "-hff", "--hf-file",
-              "-mm", "--mmproj", "-mmu", "--mmproj-url"),
-    "host": ("--host",),
-    "port": ("--port",),
-    "api_key_file": ("--api-key-file",),
-    "gpu_layers": ("-ngl", "--gpu-layers", "--n-gpu-layers"),
-    "ctx_size": ("-c", "--ctx-size"),
-    "parallel": ("-np", "--parallel"),
-    "flash_attn": ("-fa", "--flash-attn"),
-    "cache_type_k": ("-ctk", "--cache-type-k"),
-    "cache_type_v": ("-ctv", "--cache-type-v"),
-    "load_mode": ("-lm", "--load-mode"),
-    "reasoning": ("-rea", "--reasoning"),
-    "reasoning_format": ("--reasoning-format",),
-    "reasoning_budget": ("--reasoning-budget",),
-    "threads": ("-t", "--threads"),
-    "metrics": ("--metrics",),
-    "alias": ("-a", "--alias"),
-}
+    f.name: f.metadata["setting"]["owns"] for f in fields(ServiceSpec)
+    if f.metadata.get("setting", {}).get("owns")}
 # Options whose value is a secret: on a command line it is readable by every local user
 # (/proc/PID/cmdline), and it would land in the unit file.
 SECRET_OPTIONS = ("--api-key", "-hft", "--hf-token")

@@ -37,7 +37,7 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 @pytest.fixture
 def gpu_services(services):
-    chosen = [s for s in services if s.gpu_layers > 0]
+    chosen = [s for s in services if s.uses_gpu]
     if not chosen:
         pytest.skip("no service of this host uses the GPU (every service has gpu_layers 0): "
                     "GPU checks do not apply")
@@ -162,7 +162,7 @@ def test_gpu_services_run_on_their_gpus(host, gpus, gpu_services):
     was given (and no other), else the reason (device nodes its unit does not allow, uvm
     missing, llama.cpp's 'no usable GPU'). /health alone passes a server on the CPU."""
     def check(s):
-        wanted = ",".join(map(str, s.gpus)) if s.gpus is not None else ""
+        wanted = ",".join(map(str, s.settings.gpus)) if s.settings.gpus is not None else ""
         result = host.run("python3 -c %s --unit %s --gpus %s", GPU_CHECK, s.unit, wanted)
         try:
             verdict = json.loads(result.stdout)
@@ -174,7 +174,7 @@ def test_gpu_services_run_on_their_gpus(host, gpus, gpu_services):
 
 def test_no_failed_mlock_in_gpu_service_journal(host, gpus, gpu_services):
     def check(s):
-        if "mlock" not in s.load_mode:
+        if "mlock" not in s.settings.load_mode:
             return None
         invocation = host.run("systemctl show -p InvocationID --value %s", s.unit).stdout.strip()
         if not invocation:

@@ -37,9 +37,9 @@ def test_listens_on_the_configured_address_only(host, services):
         pid = main_pid(host, s.unit)
         listening = host.run("ss -Hltnp").stdout.splitlines()
         mine = sorted({line.split()[3] for line in listening if f"pid={pid}," in line})
-        address = s.host
-        expected = f"[{address}]:{s.port}" if ipaddress.ip_address(address).version == 6 \
-            else f"{address}:{s.port}"
+        address = s.settings.host
+        expected = f"[{address}]:{s.settings.port}" if ipaddress.ip_address(address).version == 6 \
+            else f"{address}:{s.settings.port}"
         if mine != [expected]:
             return f"listens on {mine}, expected only {expected}"
     each(services, check)
@@ -55,11 +55,11 @@ def test_health_answers_200_without_a_key(host, services):
 
 def test_api_requires_the_key(host, services):
     def check(s):
-        if not s.api_key_file:
+        if not s.key_file:
             return None
         url = s.health_url.replace("/health", "/v1/models")
         without, _ = http(host, url)
-        with_key, body = http(host, url, key_file=s.api_key_file)
+        with_key, body = http(host, url, key_file=s.key_file)
         if without != 401 or with_key != 200:
             return f"/v1/models answered {without} without the key and {with_key} with it, " \
                    f"expected 401 and 200"
@@ -69,7 +69,7 @@ def test_api_requires_the_key(host, services):
 def test_completion_returns_generated_text(host, services):
     def check(s):
         url = s.health_url.replace("/health", "/completion")
-        status, body = http(host, url, key_file=s.api_key_file,
+        status, body = http(host, url, key_file=s.key_file,
                             body={"prompt": "The capital of France is", "n_predict": 12,
                                   "temperature": 0})
         if status != 200:
@@ -132,24 +132,24 @@ def test_memlock_is_effective_where_the_host_allows_it(host, services):
 
 def test_api_key_file_is_private_to_the_service_group(host, manifest, services):
     def check(s):
-        if not s.api_key_file:
+        if not s.key_file:
             return None
-        f = host.file(s.api_key_file)
+        f = host.file(s.key_file)
         if not f.exists:
-            return f"{s.api_key_file} is missing: clients cannot read the key the server has"
+            return f"{s.key_file} is missing: clients cannot read the key the server has"
         found = (f.user, f.group, f.mode)
         expected = ("root", manifest.service_user, 0o640)
         if found != expected:
-            return f"{s.api_key_file} is {found[0]}:{found[1]} {oct(found[2])}, expected " \
+            return f"{s.key_file} is {found[0]}:{found[1]} {oct(found[2])}, expected " \
                    f"root:{expected[1]} 0o640"
     each(services, check)
 
 
 def test_api_key_is_in_no_unit_or_argv(host, services):
     def check(s):
-        if not s.api_key_file or not host.file(s.api_key_file).exists:
+        if not s.key_file or not host.file(s.key_file).exists:
             return None  # a missing key file is test_api_key_file_is_private_to_the_service_group's
-        key = host.file(s.api_key_file).content_string.strip()
+        key = host.file(s.key_file).content_string.strip()
         unit = host.run("systemctl cat %s", s.unit).stdout
         argv = host.file(f"/proc/{main_pid(host, s.unit)}/cmdline").content_string
         journal = host.run("journalctl -u %s --no-pager -o cat", s.unit).stdout

@@ -22,6 +22,7 @@ from llmhost import bench_report
 from llmhost.bench import helper_args, parse_args
 from llmhost.manifest import BuildRecord, Manifest, ServiceRecord
 from llmhost.inventory import InventoryError, load_inventory
+from llmhost.settings import ServiceSpec
 
 HELPER = Path(__file__).resolve().parents[2] / "files" / "bench_service.py"
 spec = importlib.util.spec_from_file_location("bench_service", HELPER)
@@ -160,10 +161,10 @@ def fake_service(tmp_path):
                               archs=(), fa_pairs=(), nvcc=None, expected_system_info=()),
         service_user="llama",
         services=(ServiceRecord(
-            name="svc", unit="llama-svc.service", host="127.0.0.1", port=port,
-            health_url=f"http://127.0.0.1:{port}/health", api_key_file=str(key_file), gpu_layers=0,
-            gpus=None, ctx_size=1024, parallel=2, flash_attn="on", cache_type_k="q4_0",
-            cache_type_v="q8_0", load_mode="mmap+mlock", reasoning="off", threads=None,
+            name="svc", unit="llama-svc.service", health_url=f"http://127.0.0.1:{port}/health",
+            key_file=str(key_file), settings=ServiceSpec(
+                name="svc", port=port, ctx_size=1024, parallel=2, cache_type_k="q4_0",
+                cache_type_v="q8_0", reasoning="off"),
             model_path=str(tmp_path / "m.gguf"), files=(), unit_sha256="0" * 64, argv=()),))
     path = tmp_path / "llmhost.json"
     path.write_text(manifest.to_json())

@@ -86,6 +86,27 @@ def test_every_rendered_option_is_in_the_pinned_help():
         assert flags.unknown_options(argv, HELP) == []
 
 
+# Options server_argv always passes; no setting sets them.
+FIXED_OPTIONS = {"--cont-batching", "--cache-prompt"}
+
+
+def test_every_option_a_setting_renders_is_owned_by_a_setting():
+    """A setting that renders an option declares it (setting(..., owns=...)), so extra_args
+    cannot set it a second time, past the setting's checks."""
+    from llmhost.settings import OWNED_OPTIONS
+
+    settings = load_host_settings("h1", {"llm_services": {"all": {
+        "port": 8080, "host": "127.0.0.1", "model": {"source": "local", "path": "/m/x.gguf"},
+        "gpu_layers": 9, "reasoning_format": "deepseek", "reasoning_budget": 64, "threads": 3,
+        "alias": "x"}}})
+    argv = server_argv(settings.services[0], ServerPaths("/b/llama-server", "/m/x.gguf",
+                                                         "/m/p.gguf", "/k"))
+    owned = {option for options in OWNED_OPTIONS.values() for option in options}
+    assert set(flags.option_names(argv)) - FIXED_OPTIONS - owned == set()
+    # and each owned option is one --help lists
+    assert flags.unknown_options(["llama-server", *sorted(owned)], HELP) == []
+
+
 def test_the_guides_literal_mlock_is_rejected_by_the_pinned_help():
     guide_argv = ["llama-server", "-m", "/m.gguf", "-ngl", "99", "--flash-attn", "on", "--mlock",
                   "--cont-batching", "--cache-prompt"]
