@@ -126,7 +126,15 @@ def removed_services(settings: HostSettings, previous_manifest: dict | None) -> 
 
 def handed_over(service: ServiceSpec, removed: list[dict]) -> list[dict]:
     """The removed services whose port ``service`` takes (a renamed service)."""
-    return [{"unit": s["unit"], "health_url": s["health_url"]} for s in removed if s.get("port") == service.port]
+    return [{"unit": s["unit"], "health_url": s["health_url"]} for s in removed
+            if _recorded_port(s) == service.port]
+
+
+def _recorded_port(record: dict) -> int | None:
+    """A service's port in the last manifest, read as JSON (not llmhost.manifest) so a host last
+    deployed by an earlier llmhost still hands its port over: manifest version 3 keeps it under
+    "settings", version 2 at the top."""
+    return (record.get("settings") or {}).get("port", record.get("port"))
 
 
 @operation()

@@ -1,5 +1,6 @@
 """argv and units rendered from typed settings, compared flag by flag with the guide's intent."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from llmhost import flags, gpu
 from llmhost.flags import ServerPaths, server_argv, systemd_exec_line
 from llmhost.buildplan import plan_build
+from llmhost.manifest import Manifest
 from llmhost.services import render_unit
 from llmhost.settings import load_host_settings
 from llmhost.weights import ModelFileSpec, PlacedModel
@@ -186,10 +188,20 @@ def test_only_services_the_last_manifest_lists_and_the_settings_dropped_are_reti
         {"name": "translator", "unit": "llama-translator.service", "port": 18083,
          "health_url": "http://127.0.0.1:18083/health"},
         {"name": "old", "unit": "llama-old.service", "port": 9999, "health_url": "http://127.0.0.1:9999/health"}]}
-    removed = removed_services(settings, previous)
-    assert [s["name"] for s in removed] == ["translator", "old"]
     by_name = {s.name: s for s in settings.services}
-    # translate takes the port of translator (a rename): the switch hands it over.
-    assert handed_over(by_name["translate"], removed) == [
-        {"unit": "llama-translator.service", "health_url": "http://127.0.0.1:18083/health"}]
-    assert handed_over(by_name["main"], removed) == []
+    # The manifest as this llmhost writes it, and as version 2 (a host last deployed by an
+    # earlier llmhost) wrote it: port at the top.
+    renamed = load_host_settings("gpu1", {"llm_services": {
+        "main": {"port": 18082, "model": {"source": "local", "path": "/m/a.gguf"}},
+        "translator": {"port": 18083, "model": {"source": "local", "path": "/m/b.gguf"}},
+        "old": {"port": 9999, "model": {"source": "local", "path": "/m/c.gguf"}}}})
+    written = json.loads(Manifest.for_deploy(
+        renamed, plan_build(renamed), {s.name: placed(f"/m/{s.name}.gguf") for s in renamed.services},
+        {s.unit_name: "" for s in renamed.services}).to_json())
+    for manifest in (written, previous):
+        removed = removed_services(settings, manifest)
+        assert [s["name"] for s in removed] == ["translator", "old"]
+        # translate takes the port of translator (a rename): the switch hands it over.
+        assert handed_over(by_name["translate"], removed) == [
+            {"unit": "llama-translator.service", "health_url": "http://127.0.0.1:18083/health"}]
+        assert handed_over(by_name["main"], removed) == []
