@@ -10,8 +10,8 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from llmhost import (base, buildplan, cuda, gpu, llamacpp, preflight, retention, services,
-                     timing, weights)
+from llmhost import (base, buildplan, cuda, gateway, gpu, llamacpp, preflight, retention,
+                     services, timing, weights)
 from llmhost.facts import JsonFile, KeyAccepted
 from llmhost.manifest import Manifest
 
@@ -40,8 +40,11 @@ def llama_server() -> None:
     """
     timing.install(state)
     settings = preflight.inventory_settings()[host.name]
+    if settings.gateway:
+        gateway.gateway(settings)
     if not settings.managed:
-        logger.warning(f"[{host.name}] no llm_services in its data: llmhost leaves this host alone")
+        if not settings.gateway:
+            logger.warning(f"[{host.name}] no llm_services in its data: llmhost leaves this host alone")
         return
     for service in settings.services:
         for warning in service.warnings:
@@ -108,6 +111,9 @@ def llama_server() -> None:
             KeyAccepted, url=service.health_url.replace("/health", "/v1/models"), key_file=path) is False
         unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
         rendered[service.unit_name] = unit_text
+        # Behind gateways: out of them around the switch, llm_max_unavailable hosts at a time.
+        drain, undrain = gateway.drain_steps(settings, service)
+        rolling = {"_parallel": settings.max_unavailable} if drain else {}
         services.health_gated_unit(
             name=f"Service {service.unit_name}", unit=service.unit_name, unit_text=unit_text,
             health_url=service.health_url,
@@ -115,7 +121,8 @@ def llama_server() -> None:
             timeout=settings.health_timeout, service_name=service.name, on_gpu=service.uses_gpu,
             gpus=list(service.gpus) if service.gpus is not None else None,
             restart_if=lambda ops=restart_on, refused=key_refused: refused or services.any_changed(ops),
-            replaces=services.handed_over(service, removed))
+            replaces=services.handed_over(service, removed), drain=drain, undrain=undrain,
+            **rolling)
     if removed:
         services.retired_units(name="Retire removed services", units=[s["unit"] for s in removed])
     retention.old_versions(name="Remove old builds and model versions",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llmhost.settings import HOST_SETTINGS, MODEL_SETTINGS, SERVICE_SETTINGS, Setting
+from llmhost.settings import (GATEWAY_SETTINGS, HOST_SETTINGS, MODEL_SETTINGS, SERVICE_SETTINGS,
+                              Setting)
 
 # Run from the checkout: the README is a file of the repository, not of the installed package.
 README = Path("README.md")
@@ -24,11 +25,11 @@ def _default(s: Setting) -> str:
     return f"`{s.default!r}`".replace("'", '"').replace("|", "\\|")
 
 
-def _table(title: str, settings: tuple[Setting, ...]) -> str:
+def _table(title: str, settings: tuple[Setting, ...], prefix: str = "") -> str:
     rows = [f"**{title}**", "", "| setting | type | default | meaning | allowed |", "|---|---|---|---|---|"]
     for s in settings:
         kind = " or ".join(t.__name__ for t in s.types)
-        rows.append(f"| `{s.name}` | {kind} | {_default(s)} | {s.meaning} | "
+        rows.append(f"| `{prefix}{s.name}` | {kind} | {_default(s)} | {s.meaning} | "
                     f"{s.expected().replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
@@ -38,6 +39,7 @@ def settings_tables() -> str:
         _table("Host settings (host data or group_data/)", HOST_SETTINGS),
         _table("Service settings (llm_services.<name>.…)", SERVICE_SETTINGS),
         _table("Model settings (llm_services.<name>.model.…)", MODEL_SETTINGS),
+        _table("Gateway settings (on gateway hosts)", GATEWAY_SETTINGS, prefix="llm_gateway."),
     ])
 
 

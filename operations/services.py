@@ -110,11 +110,17 @@ def generated_key(path: str, group: str):
         host.noop(f"API key {path} is present with root:{group} {KEY_MODE}")
         return
     q = shlex.quote(path)
-    tmp = shlex.quote(path + ".tmp")
     if not info or info["size"] == 0:
-        yield (f"umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {tmp} "
-               f"&& mv {tmp} {q}")
+        yield new_key_command(path)
     yield f"chown root:{shlex.quote(group)} {q} && chmod {KEY_MODE} {q}"
+
+
+def new_key_command(path: str) -> str:
+    """Write a new key (32 random bytes, hex, no newline) to ``path``, readable by root only:
+    made on the host, it is on no command line and in no output."""
+    tmp = shlex.quote(path + ".tmp")
+    return (f"umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {tmp} "
+            f"&& mv {tmp} {shlex.quote(path)}")
 
 
 def removed_services(settings: HostSettings, previous_manifest: dict | None) -> list[dict]:
@@ -163,7 +169,8 @@ def retired_units(units: list[str]):
 def health_gated_unit(unit: str, unit_text: str, health_url: str, argv_options: list[str],
                       timeout: int, service_name: str, on_gpu: bool = False,
                       gpus: list[int] | None = None, restart_if: Callable[[], bool] | None = None,
-                      replaces: list[dict] | None = None):
+                      replaces: list[dict] | None = None, drain: list | None = None,
+                      undrain: list | None = None):
     """Install a service's unit and (re)start it behind the health gate: /health 200 within
     ``timeout`` and, for a GPU service, its process on its GPUs (files/gpu_check.py). A unit
     that fails the gate is rolled back to the previous one (and so the previous build and
@@ -184,6 +191,9 @@ def health_gated_unit(unit: str, unit_text: str, health_url: str, argv_options: 
       key that changed under it)
     + replaces: units of removed services on the same port (a rename): stopped just before,
       retired once this one is healthy, started again if it is not
+    + drain: commands run just before the switch (take the service out of the gateways:
+      llmhost.gateway.drain_steps); a failed switch leaves it out, and says so
+    + undrain: commands run once the switch is healthy (put it back in)
 
     **Example:**
 
@@ -218,8 +228,13 @@ def health_gated_unit(unit: str, unit_text: str, health_url: str, argv_options: 
     if on_gpu:
         # Healthy means on its GPUs too: /health alone passes a server that fell back to the CPU.
         request["gpu"] = {"gpus": list(gpus) if gpus is not None else None}
-    yield remote.streamed(remote.helper_command("switch_service.py"), f"switch of {unit}",
-                          stdin=json.dumps(request))
+    switch = remote.helper_command("switch_service.py")
+    if drain:
+        yield from drain
+        switch += (f" || {{ rc=$?; echo '{unit}: left drained at the gateway: the switch failed, "
+                   f"so it takes no gateway traffic until a deploy switches it healthy'; exit $rc; }}")
+    yield remote.streamed(switch, f"switch of {unit}", stdin=json.dumps(request))
+    yield from undrain or ()
 
 
 def any_changed(op_metas) -> bool:

@@ -321,6 +321,57 @@ class ServiceSpec:
         return f"http://{address}:{self.port}/health"
 
 
+CLIENT_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# A model name the gateway routes on: it appears unquoted in HAProxy's config.
+GATEWAY_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+def _client_names(v: Any) -> bool:
+    return all(isinstance(x, str) and CLIENT_NAME_RE.match(x) for x in v) and len(set(v)) == len(v)
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """A gateway (llm_gateway): HAProxy in front of every service of the inventory, one
+    OpenAI-compatible address routed by the request's model, keys checked at the edge."""
+
+    clients: tuple[str, ...] = setting((), "names of the clients that get a key, generated on the "
+                                           "gateway (root-only, /etc/llmhost-gateway/clients/"
+                                           "NAME.key); a name removed is a key revoked (required)",
+                                       types=(list,),
+                                       allowed="a list of distinct names of lowercase letters, "
+                                               "digits and '-'", check=_client_names,
+                                       convert=tuple)
+    port: int = setting(8080, "port of the API (/v1/..., /health); every request but /health "
+                              "needs a client key", types=(int,),
+                        allowed="an integer from 1 to 65535", check=_port)
+    bind: str = setting("0.0.0.0", "address the API binds", types=(str,),
+                        allowed="an IP address", check=_ip)
+    default_model: str | None = setting(None, "the model (a service's alias, else its name) for "
+                                              "requests that name none or an unknown one; unset: "
+                                              "the first of the inventory", types=(str,))
+    queue_timeout: int = setting(60, "seconds a request waits at the gateway for a free slot "
+                                     "(each backend takes as many as its service has) before "
+                                     "503", types=(int,), allowed="a positive integer",
+                                 check=_positive)
+    timeout: int = setting(600, "seconds a request may take, a streamed completion included",
+                           types=(int,), allowed="a positive integer", check=_positive)
+    check_interval: int = setting(2, "seconds between health checks of each backend's /health; "
+                                     "out after 2 failures, back after 2 successes", types=(int,),
+                                  allowed="a positive integer", check=_positive)
+    drain_timeout: int = setting(120, "seconds a redeploy waits for a drained backend's requests "
+                                      "to finish before it restarts the service anyway",
+                                 types=(int,), allowed="a positive integer", check=_positive)
+    tls_cert_file: str | None = setting(None, "controller path of a PEM file (certificate, then "
+                                              "key) to serve the API over TLS", types=(str,),
+                                        allowed="an absolute path", check=_abs_path)
+    metrics_port: int = setting(8405, "port of HAProxy's Prometheus exporter (/metrics) and "
+                                      "stats page (/stats)", types=(int,),
+                                allowed="an integer from 1 to 65535", check=_port)
+    metrics_bind: str = setting("127.0.0.1", "address of the metrics port", types=(str,),
+                                allowed="an IP address", check=_ip)
+
+
 @dataclass(frozen=True)
 class HostSettings:
     """A host's settings: the host-data keys llm_<field>. Defaults are the guide's choices where
@@ -386,6 +437,15 @@ class HostSettings:
     services: tuple[ServiceSpec, ...] = setting(None, "the llama-server services of this host, by "
                                                       "name (see the service settings)",
                                                 types=(dict,))
+    gateway: GatewaySpec | None = setting(None, "make this host a gateway for every service of "
+                                                "the inventory (see the gateway settings)",
+                                          types=(dict,))
+    address: str | None = setting(None, "address a gateway reaches this host's services at; "
+                                        "unset: its ssh_hostname, else its inventory name",
+                                  types=(str,))
+    max_unavailable: int = setting(1, "backends of one model a deploy takes out of the gateways "
+                                      "at once, across the run", types=(int,),
+                                   allowed="a positive integer", check=_positive)
     # Not settings: which host, and whether it has llm_services at all (a web server in the same
     # inventory has none, and is left alone).
     host_name: str = ""
@@ -407,6 +467,7 @@ class HostSettings:
 HOST_SETTINGS = settings_of(HostSettings, prefix=PREFIX)
 SERVICE_SETTINGS = settings_of(ServiceSpec)
 MODEL_SETTINGS = settings_of(ModelSpec)
+GATEWAY_SETTINGS = settings_of(GatewaySpec)
 SECRET_KEYS = {"api_key_value", "key", "token", "hf_token", "password", "secret"}
 
 
@@ -576,11 +637,30 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
     if values.get("llm_llamacpp_source") == "local" and not values.get("llm_llamacpp_local_path"):
         problems.append(f"host {host_name}: llm_llamacpp_local_path: found nothing, expected the "
                         f"controller path of a llama.cpp tarball or git checkout for source 'local'")
+    gateway = _load_gateway(host_name, ours["llm_gateway"], problems) if "llm_gateway" in ours else None
     if problems:
         raise SettingsError(problems)
     typed = _typed(HostSettings, values, prefix=PREFIX)
-    return HostSettings(**{**typed, "services": tuple(services)}, host_name=host_name,
-                        managed="llm_services" in ours)
+    return HostSettings(**{**typed, "services": tuple(services), "gateway": gateway},
+                        host_name=host_name, managed="llm_services" in ours)
+
+
+def _load_gateway(host_name: str, raw: Any, problems: list[str]) -> GatewaySpec | None:
+    where = f"host {host_name}: llm_gateway"
+    if not isinstance(raw, dict):
+        problems.append(_line(where, raw, "a mapping of gateway settings"))
+        return None
+    before = len(problems)
+    values = _validate_block(where, raw, GATEWAY_SETTINGS, problems)
+    if len(problems) > before:
+        return None
+    if not values["clients"]:
+        problems.append(f"{where}.clients: found none, expected at least one client name (each "
+                        f"gets a key; the gateway serves no one without a key)")
+    if values["metrics_port"] == values["port"]:
+        problems.append(f"{where}.metrics_port: found {values['metrics_port']}, the API's port, "
+                        f"expected a port of its own")
+    return GatewaySpec(**_typed(GatewaySpec, values))
 
 
 def load_inventory_settings(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, HostSettings]:

@@ -1,0 +1,347 @@
+"""The fleet gateway: HAProxy (the distribution's package) in front of every service of the
+inventory, on the hosts whose data has ``llm_gateway`` (group_data/llm_gateways.py).
+
+One OpenAI-compatible front (/v1/..., /health), a backend per model (a service's alias, else
+its name) holding every host that serves it, routed by the request body's ``model``; active
+health checks on each server's /health, least connections, each server's maxconn = its
+service's slots so extra requests queue at the gateway; retries and redispatch when a
+connection fails or a server dies before answering; keys checked at the edge; Prometheus on a
+loopback port. Redeploys of the backends drain each server here first (see ``drain_steps``).
+
+Secrets: client keys are made on the gateway (root-only files) and the config names only their
+sha256 (clients.map); the key the gateway shows a backend is the service's pushed key
+(api_key_file on the controller), written to backend-keys.map, root-only. Neither is in the
+config text, a command line or pyinfra's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import shlex
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+import jinja2
+from pyinfra import host, state
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, files, systemd
+
+from llmhost import base, data_dir, remote, services
+from llmhost.facts import FileDigests
+from llmhost.remote import HELPER_DIR
+from llmhost.settings import GATEWAY_ALIAS_RE, GatewaySpec, HostSettings, SettingsError, \
+    load_inventory_settings
+
+CONFIG = "/etc/haproxy/haproxy.cfg"
+STATE_DIR = "/etc/llmhost-gateway"
+CLIENT_KEYS = f"{STATE_DIR}/clients"
+CLIENTS_MAP = f"{STATE_DIR}/clients.map"
+BACKEND_KEYS_MAP = f"{STATE_DIR}/backend-keys.map"
+TLS_PEM = f"{STATE_DIR}/tls.pem"
+ADMIN_SOCKET = "/run/haproxy/admin.sock"
+TEMPLATES = data_dir("templates")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One service of one host, as a server of its model's backend."""
+
+    host_name: str
+    service: str
+    address: str
+    port: int
+    slots: int
+    key_file: str | None  # the pushed key on the controller; None: the service has no key
+
+    @property
+    def name(self) -> str:
+        return _haproxy_name(f"{self.host_name}-{self.service}")
+
+
+@dataclass(frozen=True)
+class Backend:
+    model: str
+    servers: tuple[Server, ...]
+
+    @property
+    def name(self) -> str:
+        return "be_" + _haproxy_name(self.model)
+
+    @property
+    def key_file(self) -> str | None:
+        return self.servers[0].key_file
+
+
+def _haproxy_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", text)
+
+
+def host_address(name: str, data: dict, settings: HostSettings) -> str:
+    """Where gateways reach a host: llm_address, else its SSH address, else its name."""
+    return settings.address or data.get("ssh_hostname") or name
+
+
+def backends(fleet: dict[str, HostSettings], addresses: dict[str, str]) -> tuple[Backend, ...]:
+    """Every service of every host of the inventory, grouped by model, in inventory order."""
+    by_model: dict[str, list[Server]] = {}
+    for name, settings in fleet.items():
+        for service in settings.services:
+            model = service.alias or service.name
+            by_model.setdefault(model, []).append(Server(
+                name, service.name, addresses[name], service.port, service.parallel,
+                service.api_key_file if service.api_key else None))
+    return tuple(Backend(model, tuple(servers)) for model, servers in by_model.items())
+
+
+def problems(gateway_name: str, spec: GatewaySpec, fleet_backends: tuple[Backend, ...],
+             fleet: dict[str, HostSettings]) -> list[str]:
+    """What makes this gateway's config wrong, one line each (host, setting, found, allowed)."""
+    where = f"host {gateway_name}: llm_gateway"
+    found = []
+    if not fleet_backends:
+        found.append(f"{where}: found no host with llm_services in the inventory, expected at "
+                     f"least one service to serve")
+    models = [b.model for b in fleet_backends]
+    if spec.default_model and spec.default_model not in models:
+        found.append(f"{where}.default_model: found {spec.default_model!r}, expected one of the "
+                     f"inventory's models: {', '.join(models)}")
+    for backend in fleet_backends:
+        first = backend.servers[0]
+        if not GATEWAY_ALIAS_RE.match(backend.model):
+            found.append(f"host {first.host_name}: llm_services.{first.service}.alias: found "
+                         f"{backend.model!r}, expected letters, digits and . _ : / - for a model "
+                         f"a gateway routes on")
+        keys = {s.key_file for s in backend.servers}
+        if len(keys) > 1:
+            found.append(f"{where}: model {backend.model!r}: its servers "
+                         f"({', '.join(f'{s.host_name}.{s.service}' for s in backend.servers)}) "
+                         f"have different keys, expected one api_key_file for all of them (the "
+                         f"gateway shows a model's servers one key)")
+        for server in backend.servers:
+            service = next(s for s in fleet[server.host_name].services if s.name == server.service)
+            if service.api_key and not service.api_key_file:
+                found.append(f"host {server.host_name}: llm_services.{server.service}.api_key_file: "
+                             f"found none (a key generated on the host), expected a pushed key "
+                             f"for a service behind gateway {gateway_name} (the gateway must know "
+                             f"it), or api_key: false on a loopback bind")
+            if _loopback(service.host) and not _loopback(server.address):
+                found.append(f"host {server.host_name}: llm_services.{server.service}.host: found "
+                             f"{service.host!r}, expected an address gateway {gateway_name} can "
+                             f"reach (it reaches the host at {server.address})")
+    return found
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def render_config(spec: GatewaySpec, fleet_backends: tuple[Backend, ...], *,
+                  admin_socket: str = ADMIN_SOCKET, clients_map: str = CLIENTS_MAP,
+                  backend_keys_map: str = BACKEND_KEYS_MAP, tls_pem: str = TLS_PEM) -> str:
+    """The config; the paths are the gateway's own unless a test runs HAProxy elsewhere."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined, autoescape=False)
+    default = next((b for b in fleet_backends if b.model == spec.default_model), fleet_backends[0])
+    return env.get_template("haproxy.cfg.j2").render(
+        spec=spec, backends=fleet_backends, default_backend=default.name,
+        admin_socket=admin_socket, clients_map=clients_map, backend_keys_map=backend_keys_map,
+        tls_pem=tls_pem if spec.tls_cert_file else None)
+
+
+def backend_keys_map(fleet_backends: tuple[Backend, ...]) -> str:
+    """backend name -> "Bearer KEY", for the Authorization header the gateway sets. A secret:
+    it only ever travels as a file upload."""
+    lines = []
+    for backend in fleet_backends:
+        if backend.key_file:
+            key = Path(backend.key_file).read_text().strip()
+            lines.append(f"{backend.name} Bearer {key}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+# ------------------------------------------------------------------------------- operations
+
+@operation()
+def client_keys(clients: list[str], key_dir: str = CLIENT_KEYS, map_path: str = CLIENTS_MAP):
+    """A key per client, made on the gateway when it has none (32 random bytes, hex, root-only),
+    the keys of clients no longer listed removed (revoked), and the map HAProxy checks keys
+    against: "sha256-of-key client" per line, so the config and the map hold no key.
+
+    + clients: the client names of llm_gateway.clients
+    + key_dir: where the keys live, one NAME.key each
+    + map_path: the map file
+
+    **Example:**
+
+    .. code:: python
+
+        client_keys(name="Client keys", clients=["team-a", "ci"])
+    """
+    present = host.get_fact(FileDigests, path=key_dir)
+    have = {name[:-4]: digest for name, (digest, *_owner) in present.items() if name.endswith(".key")}
+    revoked = sorted(set(have) - set(clients))
+    missing = [name for name in clients if name not in have]
+    maps = host.get_fact(FileDigests, path=str(Path(map_path).parent))
+    expected = "".join(f"{have[name]} {name}\n" for name in clients if name in have)
+    current = maps.get(Path(map_path).name, (None,))[0]
+    if not revoked and not missing and current == hashlib.sha256(expected.encode()).hexdigest():
+        host.noop(f"{len(clients)} client keys and their map are in place")
+        return
+    yield f"mkdir -p {shlex.quote(key_dir)} && chmod 700 {shlex.quote(key_dir)}"
+    for name in revoked:
+        yield f"rm -f {shlex.quote(f'{key_dir}/{name}.key')}"
+    for name in missing:
+        yield services.new_key_command(f"{key_dir}/{name}.key")
+    # The map from the key files on the host: sha256sum reads each key from its file, so no
+    # key is on a command line.
+    tmp = shlex.quote(map_path + ".tmp")
+    lines = " ".join(shlex.quote(name) for name in clients)
+    yield (f"umask 077 && for n in {lines}; do printf '%s %s\\n' \"$(sha256sum < "
+           f"{shlex.quote(key_dir)}/$n.key | cut -d' ' -f1)\" \"$n\"; done > {tmp} && "
+           f"mv {tmp} {shlex.quote(map_path)}")
+
+
+@operation()
+def haproxy_config(text: str, path: str = CONFIG):
+    """HAProxy's config, installed only once ``haproxy -c`` accepts it on the host: a config it
+    refuses fails this host and leaves the running one as it was.
+
+    + text: the config
+    + path: where HAProxy reads it
+
+    **Example:**
+
+    .. code:: python
+
+        haproxy_config(name="HAProxy config", text=render_config(spec, backends))
+    """
+    present = host.get_fact(FileDigests, path=str(Path(path).parent)).get(Path(path).name)
+    if present and present[0] == hashlib.sha256(text.encode()).hexdigest():
+        host.noop(f"{path} is up to date")
+        return
+    staged = shlex.quote(path + ".llmhost-new")
+    yield FileUploadCommand(StringIO(text), path + ".llmhost-new")
+    yield (f"chown root:root {staged} && chmod 644 {staged} && "
+           f"if haproxy -c -q -f {staged}; then mv -f {staged} {shlex.quote(path)}; "
+           f"else rm -f {staged}; echo 'haproxy -c refused the new config; the running one is "
+           f"unchanged' >&2; exit 1; fi")
+
+
+def gateway(settings: HostSettings) -> None:
+    """Converge this host into a gateway for every service of the inventory."""
+    spec = settings.gateway
+    fleet, addresses = fleet_settings()
+    fleet_backends = backends(fleet, addresses)
+    found = problems(host.name, spec, fleet_backends, fleet)
+    if found:
+        raise SettingsError(found)
+    installed = host.get_fact(DebPackages) or {}
+    missing = [name for name in ("haproxy", "python3") if name not in installed]
+    # Only when something is missing: an apt index refresh on every run would be a change.
+    packages = apt.packages(name=f"HAProxy ({', '.join(missing) or 'installed'})", packages=missing,
+                            update=True, no_recommends=True, _if=lambda: bool(missing))
+    files.directory(name=f"Directory {HELPER_DIR}", path=HELPER_DIR, user="root", group="root",
+                    mode="755")
+    base.helpers()
+    files.directory(name=f"Directory {STATE_DIR}", path=STATE_DIR, user="root", group="root",
+                    mode="700")
+    keys = client_keys(name="Client keys", clients=list(spec.clients))
+    backend_keys = files.put(name="Backend keys", src=StringIO(backend_keys_map(fleet_backends)),
+                             dest=BACKEND_KEYS_MAP, user="root", group="root", mode="600")
+    changed = [packages, keys, backend_keys]
+    if spec.tls_cert_file:
+        changed.append(files.put(name="TLS certificate", src=spec.tls_cert_file, dest=TLS_PEM,
+                                 user="root", group="root", mode="600"))
+    changed.append(haproxy_config(name="HAProxy config", text=render_config(spec, fleet_backends)))
+    systemd.service(name="HAProxy running", service="haproxy.service", running=True, enabled=True)
+    # A reload: the new process takes the listening sockets over (expose-fd listeners), the old
+    # one finishes its requests, so no connection is dropped.
+    systemd.service(name="HAProxy reload", service="haproxy.service", reloaded=True,
+                    _if=lambda: services.any_changed(changed))
+
+
+_fleets: dict[int, tuple[dict[str, HostSettings], dict[str, str]]] = {}
+
+
+def fleet_settings() -> tuple[dict[str, HostSettings], dict[str, str]]:
+    """Settings and addresses of every host of the inventory that serves (within --limit or
+    not: a gateway's config names all of them), validated once per run."""
+    key = id(state)
+    if key not in _fleets:
+        data = {h.name: h.data.dict() for h in state.inventory if "llm_services" in h.data.dict()}
+        fleet = load_inventory_settings(data)
+        _fleets[key] = (fleet, {n: host_address(n, data[n], s) for n, s in fleet.items()})
+    return _fleets[key]
+
+
+def gateways() -> list:
+    """The gateway hosts of the inventory."""
+    return [h for h in state.inventory if "llm_gateway" in h.data.dict()]
+
+
+# ------------------------------------------------------------------- draining a backend server
+
+_out: dict[str, int] = {}  # model -> servers drained and not yet back, across the run
+
+
+def drain_steps(settings: HostSettings, service) -> tuple[list[FunctionCommand], list[FunctionCommand]]:
+    """Commands around a service's switch when gateways serve it: before, drain its server at
+    each gateway and wait for its requests to end; after a healthy switch, put it back and wait
+    until the gateway's checks see it up. A switch that fails leaves it drained (and counted
+    out): at most llm_max_unavailable servers of a model are out at once, across the run."""
+    model = service.alias or service.name
+    backend = "be_" + _haproxy_name(model)
+    server = _haproxy_name(f"{host.name}-{service.name}")
+    before, after = [], []
+    for gw in gateways():
+        spec = gw.data.get("llm_gateway") or {}
+        timeout = int(spec.get("drain_timeout", GatewaySpec.drain_timeout))
+        interval = int(spec.get("check_interval", GatewaySpec.check_interval))
+        before.append(FunctionCommand(_drain, (gw.name, model, backend, server, timeout,
+                                                settings.max_unavailable), {}))
+        after.append(FunctionCommand(_ready, (gw.name, model, backend, server,
+                                               interval * 2 + 30), {}))
+    return before, after
+
+
+def _admin(gateway_host, *args: str) -> tuple[bool, list[str]]:
+    """Run the gateway helper on the gateway host, with that host's connector arguments."""
+    command = StringCommand(remote.helper_command("gateway_admin.py", "--socket", ADMIN_SOCKET, *args))
+    connector = {k: v for k, v in gateway_host.data.dict().items()
+                 if k in ("_sudo", "_sudo_user", "_sudo_password", "_use_sudo_login", "_su_user")}
+    ok, output = gateway_host.run_shell_command(command, print_output=False, **connector)
+    return ok, output.output_lines
+
+
+def _drain(state, host, gateway_name, model, backend, server, timeout, max_unavailable) -> bool:
+    out = _out.get(model, 0)
+    if out >= max_unavailable:
+        host.log_styled(f"{server}: not drained at gateway {gateway_name}: {out} server(s) of "
+                        f"{model} already out (llm_max_unavailable {max_unavailable}); the service "
+                        f"is not restarted", fg="red")
+        return False
+    gateway_host = state.inventory.get_host(gateway_name)
+    ok, lines = _admin(gateway_host, "drain", backend, server, "--timeout", str(timeout))
+    for line in lines:
+        host.log_styled(f"gateway {gateway_name}: {line}", fg="cyan")
+    if ok:
+        _out[model] = out + 1
+    return ok
+
+
+def _ready(state, host, gateway_name, model, backend, server, timeout) -> bool:
+    gateway_host = state.inventory.get_host(gateway_name)
+    ok, lines = _admin(gateway_host, "ready", backend, server, "--timeout", str(timeout))
+    for line in lines:
+        host.log_styled(f"gateway {gateway_name}: {line}", fg="cyan")
+    if ok:
+        _out[model] = max(0, _out.get(model, 1) - 1)
+    return ok

@@ -1,0 +1,378 @@
+"""The gateway (llmhost.gateway): its settings and refusals, its operations (facts in, commands
+out), and the rendered config run by the real HAProxy of this machine (Debian's package, which
+bash .ci/setup installs) in front of small HTTP servers standing in for llama-server: keys at
+the edge, routing by model, queueing at maxconn, redispatch past a dead server, drain and
+ready through the runtime API, and a reload that revokes a key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from pyinfra.context import ctx_host
+
+from llmhost import gateway
+from llmhost.facts import FileDigests
+from llmhost.settings import SettingsError, load_host_settings
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN = REPO / "files" / "gateway_admin.py"
+MODEL = {"source": "local", "path": "/m/x.gguf"}
+BACKEND_KEY = "sk-backend-" + "b" * 32
+CLIENT_KEY = "c" * 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fleet(ports: dict[str, dict[str, int]], key_file: str | None, **service) -> dict:
+    """host -> settings: each host's services as {name: port}."""
+    extra = {"api_key_file": key_file} if key_file else {"api_key": False}
+    return {name: load_host_settings(name, {"llm_services": {
+        svc: {"port": port, "model": MODEL, "parallel": 1, "ctx_size": 1024, **extra, **service}
+        for svc, port in services.items()}}) for name, services in ports.items()}
+
+
+def gateway_spec(**values):
+    return load_host_settings("gw", {"llm_gateway": {"clients": ["team-a"], **values}}).gateway
+
+
+# ----------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("raw, found", [
+    ({}, "host gw: llm_gateway.clients: found none, expected at least one client name"),
+    ({"clients": ["Team A"]}, "host gw: llm_gateway.clients: found ['Team A'], expected a list of distinct names"),
+    ({"clients": ["a"], "port": 8405}, "host gw: llm_gateway.metrics_port: found 8405, the API's port"),
+    ({"clients": ["a"], "api_key": "x"}, "host gw: llm_gateway.api_key: found an unknown setting"),
+    ({"clients": ["a"], "tls_cert_file": "cert.pem"}, "host gw: llm_gateway.tls_cert_file: found 'cert.pem', expected an absolute path"),
+])
+def test_gateway_settings_are_refused_with_the_line_that_says_why(raw, found):
+    with pytest.raises(SettingsError) as error:
+        load_host_settings("gw", {"llm_gateway": raw})
+    assert any(line.startswith(found) for line in error.value.problems), error.value.problems
+
+
+def test_a_gateway_refuses_backends_it_could_not_serve(tmp_path):
+    key_a, key_b = tmp_path / "a.key", tmp_path / "b.key"
+    key_a.write_text("a\n")
+    key_b.write_text("b\n")
+    hosts = {"h1": load_host_settings("h1", {"llm_services": {
+        "translate": {"port": 9001, "model": MODEL, "api_key_file": str(key_a)},
+        "chat": {"port": 9002, "model": MODEL}}}),
+             "h2": load_host_settings("h2", {"llm_services": {
+        "translate": {"port": 9001, "model": MODEL, "api_key_file": str(key_b)}}})}
+    addresses = {"h1": "10.0.0.1", "h2": "10.0.0.2"}
+    found = gateway.problems("gw", gateway_spec(default_model="nope"),
+                             gateway.backends(hosts, addresses), hosts)
+    assert found == [
+        "host gw: llm_gateway.default_model: found 'nope', expected one of the inventory's models: translate, chat",
+        "host gw: llm_gateway: model 'translate': its servers (h1.translate, h2.translate) have "
+        "different keys, expected one api_key_file for all of them (the gateway shows a model's "
+        "servers one key)",
+        "host h1: llm_services.translate.host: found '127.0.0.1', expected an address gateway gw "
+        "can reach (it reaches the host at 10.0.0.1)",
+        "host h2: llm_services.translate.host: found '127.0.0.1', expected an address gateway gw "
+        "can reach (it reaches the host at 10.0.0.2)",
+        "host h1: llm_services.chat.api_key_file: found none (a key generated on the host), "
+        "expected a pushed key for a service behind gateway gw (the gateway must know it), or "
+        "api_key: false on a loopback bind",
+        "host h1: llm_services.chat.host: found '127.0.0.1', expected an address gateway gw can "
+        "reach (it reaches the host at 10.0.0.1)",
+    ]
+
+
+# ----------------------------------------------------------------------------- operations
+
+class FakeHost:
+    name = "gw"
+
+    def __init__(self, digests: dict[str, dict]):
+        self.digests, self.noops = digests, []
+
+    def get_fact(self, cls, path=None, **kwargs):
+        assert cls is FileDigests
+        return self.digests.get(path, {})
+
+    def noop(self, text):
+        self.noops.append(text)
+
+
+def run_op(op, fake, **kwargs) -> list[str]:
+    with ctx_host.use(fake):
+        return [str(c) for c in op._inner(**kwargs)]
+
+
+def test_client_keys_in_place_are_a_noop():
+    digest = "d" * 64
+    map_text = f"{digest} team-a\n"
+    fake = FakeHost({gateway.CLIENT_KEYS: {"team-a.key": (digest, "root", "root", "640")},
+                     gateway.STATE_DIR: {"clients.map": (hashlib.sha256(map_text.encode()).hexdigest(),
+                                                         "root", "root", "600")}})
+    assert run_op(gateway.client_keys, fake, clients=["team-a"]) == []
+    assert fake.noops == ["1 client keys and their map are in place"]
+
+
+def test_a_new_client_gets_a_key_a_removed_one_is_revoked_and_the_map_is_rewritten():
+    fake = FakeHost({gateway.CLIENT_KEYS: {"old.key": ("e" * 64, "root", "root", "640")}})
+    commands = run_op(gateway.client_keys, fake, clients=["team-a"])
+    assert commands[1] == f"rm -f {gateway.CLIENT_KEYS}/old.key"
+    assert "head -c 32 /dev/urandom" in commands[2] and commands[2].endswith(f"{gateway.CLIENT_KEYS}/team-a.key")
+    assert commands[-1].startswith("umask 077 && for n in team-a; do") and "sha256sum <" in commands[-1]
+    assert commands[-1].endswith(f"mv {gateway.CLIENTS_MAP}.tmp {gateway.CLIENTS_MAP}")
+
+
+def test_the_config_is_installed_only_through_haproxy_check():
+    text = "global\n"
+    fake = FakeHost({"/etc/haproxy": {"haproxy.cfg": ("0" * 64, "root", "root", "644")}})
+    commands = run_op(gateway.haproxy_config, fake, text=text)
+    assert commands[0].startswith("FileUploadCommand") or "haproxy.cfg.llmhost-new" in commands[0]
+    assert "if haproxy -c -q -f /etc/haproxy/haproxy.cfg.llmhost-new; then mv -f" in commands[1]
+    same = FakeHost({"/etc/haproxy": {"haproxy.cfg": (hashlib.sha256(text.encode()).hexdigest(),
+                                                      "root", "root", "644")}})
+    assert run_op(gateway.haproxy_config, same, text=text) == []
+
+
+# ----------------------------------------------------------------- the config, run by HAProxy
+
+def need_haproxy():
+    if not shutil.which("haproxy"):
+        pytest.fail("haproxy is not installed: bash .ci/setup installs it (apt install haproxy)")
+
+
+@pytest.mark.parametrize("variant", ["plain", "tls", "two-models-no-key"])
+def test_haproxy_accepts_every_rendered_config(tmp_path, variant):
+    need_haproxy()
+    key = tmp_path / "backend.key"
+    key.write_text(BACKEND_KEY + "\n")
+    if variant == "two-models-no-key":
+        hosts = fleet({"h1": {"a": 9001, "b": 9002}, "h2": {"a": 9001}}, None)
+    else:
+        hosts = fleet({"h1": {"translate": 9001}, "h2": {"translate": 9001}}, str(key))
+    spec = gateway_spec(**({"tls_cert_file": "/etc/ssl/x.pem"} if variant == "tls" else {}))
+    paths = write_maps(tmp_path, hosts)
+    if variant == "tls":
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=gw", "-keyout", tmp_path / "k.pem", "-out", tmp_path / "c.pem"],
+                       check=True, capture_output=True)
+        (tmp_path / "tls.pem").write_text((tmp_path / "c.pem").read_text() + (tmp_path / "k.pem").read_text())
+    text = gateway.render_config(spec, gateway.backends(hosts, {h: "127.0.0.1" for h in hosts}),
+                                 tls_pem=str(tmp_path / "tls.pem"), **paths)
+    (tmp_path / "haproxy.cfg").write_text(text)
+    check = subprocess.run(["haproxy", "-c", "-f", tmp_path / "haproxy.cfg"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
+    assert BACKEND_KEY not in text and CLIENT_KEY not in text
+
+
+def write_maps(tmp_path: Path, hosts: dict, clients: dict[str, str] | None = None) -> dict:
+    clients = {"team-a": CLIENT_KEY} if clients is None else clients
+    (tmp_path / "clients.map").write_text(
+        "".join(f"{hashlib.sha256(key.encode()).hexdigest()} {name}\n" for name, key in clients.items()))
+    backends = gateway.backends(hosts, {h: "127.0.0.1" for h in hosts})
+    (tmp_path / "backend-keys.map").write_text(gateway.backend_keys_map(backends))
+    return {"clients_map": str(tmp_path / "clients.map"),
+            "backend_keys_map": str(tmp_path / "backend-keys.map"),
+            "admin_socket": str(tmp_path / "admin.sock")}
+
+
+class FakeLlamaServer(BaseHTTPRequestHandler):
+    """Answers /health and completions, records what it was sent, sleeps when asked."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"status": "ok"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append((self.headers.get("Authorization"), body.get("model")))
+        with self.server.lock:
+            self.server.busy += 1
+            self.server.max_busy = max(self.server.max_busy, self.server.busy)
+        time.sleep(body.get("sleep", 0))
+        with self.server.lock:
+            self.server.busy -= 1
+        self._send(200, {"server": self.server.label, "model": body.get("model")})
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # HAProxy's health checks close their connection early: not an error here
+
+
+def fake_server(label: str) -> ThreadingHTTPServer:
+    server = QuietServer(("127.0.0.1", 0), FakeLlamaServer)
+    server.label, server.seen, server.busy, server.max_busy = label, [], 0, 0
+    server.lock = threading.Lock()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def running_gateway(tmp_path):
+    """HAProxy (master-worker, foreground) with the rendered config in front of three fake
+    servers: h1 and h2 serve model "translate" (1 slot each), h3 serves "chat"."""
+    need_haproxy()
+    servers = {name: fake_server(name) for name in ("h1", "h2", "h3")}
+    key = tmp_path / "backend.key"
+    key.write_text(BACKEND_KEY + "\n")
+    hosts = {name: load_host_settings(name, {"llm_services": {
+        ("chat" if name == "h3" else "translate"): {
+            "port": servers[name].server_address[1], "model": MODEL, "parallel": 1,
+            "ctx_size": 1024, "api_key_file": str(key)}}}) for name in servers}
+    port, metrics = free_port(), free_port()
+    spec = gateway_spec(port=port, bind="127.0.0.1", metrics_port=metrics, check_interval=1,
+                        queue_timeout=30)
+    paths = write_maps(tmp_path, hosts)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(gateway.render_config(spec, gateway.backends(hosts, {h: "127.0.0.1" for h in hosts}),
+                                            **paths))
+    process = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: request(port, "/health")[0] == 200, "gateway /health")
+        yield {"port": port, "metrics": metrics, "servers": servers, "tmp": tmp_path,
+               "socket": paths["admin_socket"], "process": process, "hosts": hosts}
+    finally:
+        process.send_signal(signal.SIGTERM)  # our haproxy, by its PID
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        for server in servers.values():
+            server.shutdown()
+
+
+def wait_for(check, what: str, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{what}: not reached within {timeout}s")
+
+
+def request(port: int, path: str, body: dict | None = None, key: str | None = CLIENT_KEY):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def admin(gw, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ADMIN), "--socket", gw["socket"], *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def server_status(gw, backend: str, server: str) -> dict:
+    for line in admin(gw, "show").stdout.splitlines():
+        name, status, *fields = line.split()
+        if name == f"{backend}/{server}":
+            return {"status": status, **dict(f.split("=") for f in fields)}
+    raise AssertionError(f"{backend}/{server} not in show")
+
+
+def test_keys_are_checked_at_the_edge_and_each_backend_gets_its_own(running_gateway):
+    gw = running_gateway
+    assert request(gw["port"], "/v1/chat/completions", {"model": "translate"}, key=None)[0] == 401
+    assert request(gw["port"], "/v1/chat/completions", {"model": "translate"}, key="wrong")[0] == 401
+    assert request(gw["port"], "/health", key=None)[0] == 200
+    status, body = request(gw["port"], "/v1/chat/completions", {"model": "translate"})
+    assert status == 200 and body["server"] in ("h1", "h2")
+    seen = [auth for s in gw["servers"].values() for auth, _ in s.seen]
+    assert seen == [f"Bearer {BACKEND_KEY}"], seen  # the client's key never reached a backend
+
+
+def test_requests_are_routed_by_the_model_they_name(running_gateway):
+    gw = running_gateway
+    assert request(gw["port"], "/v1/chat/completions", {"model": "chat"})[1]["server"] == "h3"
+    for _ in range(4):
+        assert request(gw["port"], "/v1/chat/completions", {"model": "translate"})[1]["server"] in ("h1", "h2")
+    # A model no backend serves goes to the default (the first of the inventory).
+    assert request(gw["port"], "/v1/chat/completions", {"model": "other"})[1]["server"] in ("h1", "h2")
+
+
+def test_requests_beyond_the_slots_queue_at_the_gateway_and_all_succeed(running_gateway):
+    gw = running_gateway
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: request(gw["port"], "/v1/chat/completions",
+                                                  {"model": "translate", "sleep": 0.5}), range(8)))
+    assert [status for status, _ in results] == [200] * 8
+    for name in ("h1", "h2"):  # maxconn 1: never two at once on a 1-slot server
+        assert gw["servers"][name].max_busy == 1, name
+    backend = server_status(gw, "be_translate", "BACKEND")
+    assert int(backend["qmax"]) > 0 and backend["hrsp_5xx"] == "0", backend
+
+
+def test_a_dead_server_costs_no_request(running_gateway):
+    gw = running_gateway
+    gw["servers"]["h1"].shutdown()
+    gw["servers"]["h1"].server_close()  # connection refused from now on
+    statuses = [request(gw["port"], "/v1/chat/completions", {"model": "translate"})[0] for _ in range(10)]
+    assert statuses == [200] * 10
+    wait_for(lambda: server_status(gw, "be_translate", "h1-translate")["status"] == "DOWN",
+             "h1 marked DOWN by the health checks", timeout=10)
+
+
+def test_drain_takes_a_server_out_and_ready_puts_it_back(running_gateway):
+    gw = running_gateway
+    drained = admin(gw, "drain", "be_translate", "h1-translate", "--timeout", "10")
+    assert drained.returncode == 0 and "h1-translate drained from be_translate" in drained.stdout
+    assert server_status(gw, "be_translate", "h1-translate")["status"] == "DRAIN"
+    before = len(gw["servers"]["h1"].seen)
+    for _ in range(6):
+        assert request(gw["port"], "/v1/chat/completions", {"model": "translate"})[1]["server"] == "h2"
+    assert len(gw["servers"]["h1"].seen) == before
+    ready = admin(gw, "ready", "be_translate", "h1-translate", "--timeout", "10")
+    assert ready.returncode == 0 and "h1-translate back in be_translate: UP" in ready.stdout
+    assert admin(gw, "drain", "be_translate", "nope").returncode == 1
+
+
+def test_a_reload_revokes_a_removed_key_without_dropping_a_request(running_gateway):
+    gw = running_gateway
+    other = "d" * 64
+    write_maps(gw["tmp"], gw["hosts"], clients={"team-a": CLIENT_KEY, "ci": other})
+    gw["process"].send_signal(signal.SIGUSR2)  # what systemctl reload haproxy sends
+    wait_for(lambda: request(gw["port"], "/v1/models", key=other)[0] == 200, "ci's key after reload")
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(request, gw["port"], "/v1/chat/completions", {"model": "translate", "sleep": 2})
+        time.sleep(0.5)
+        write_maps(gw["tmp"], gw["hosts"], clients={"team-a": CLIENT_KEY})
+        gw["process"].send_signal(signal.SIGUSR2)
+        assert slow.result()[0] == 200  # in flight across the reload
+    wait_for(lambda: request(gw["port"], "/v1/models", key=other)[0] == 401, "ci's key revoked")
+    assert request(gw["port"], "/v1/models")[0] == 200
