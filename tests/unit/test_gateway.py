@@ -376,3 +376,10 @@ def test_a_reload_revokes_a_removed_key_without_dropping_a_request(running_gatew
         assert slow.result()[0] == 200  # in flight across the reload
     wait_for(lambda: request(gw["port"], "/v1/models", key=other)[0] == 401, "ci's key revoked")
     assert request(gw["port"], "/v1/models")[0] == 200
+
+
+def test_the_example_group_data_of_gateways_is_valid():
+    namespace: dict = {}
+    exec((REPO / "group_data" / "llm_gateways.py").read_text(), namespace)
+    spec = load_host_settings("gw", {"llm_gateway": namespace["llm_gateway"]}).gateway
+    assert spec.clients == ("team",) and spec.metrics_bind == "127.0.0.1"
