@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ CLIENT_KEYS = f"{STATE_DIR}/clients"
 CLIENTS_MAP = f"{STATE_DIR}/clients.map"
 BACKEND_KEYS_MAP = f"{STATE_DIR}/backend-keys.map"
 TLS_PEM = f"{STATE_DIR}/tls.pem"
+# What the deploy made of llm_gateway, for the host suite (tests/host/test_gateway.py): no key.
+RECORD = f"{STATE_DIR}/gateway.json"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 TEMPLATES = data_dir("templates")
 
@@ -156,6 +159,16 @@ def render_config(spec: GatewaySpec, fleet_backends: tuple[Backend, ...], *,
         tls_pem=tls_pem if spec.tls_cert_file else None)
 
 
+def record(spec: GatewaySpec, fleet_backends: tuple[Backend, ...]) -> str:
+    """The gateway's record: its address, clients (names only), backends and their servers."""
+    return json.dumps({
+        "port": spec.port, "bind": spec.bind, "tls": bool(spec.tls_cert_file),
+        "metrics": f"{spec.metrics_bind}:{spec.metrics_port}", "client_keys": CLIENT_KEYS,
+        "clients": list(spec.clients), "admin_socket": ADMIN_SOCKET,
+        "backends": [{"name": b.name, "model": b.model, "servers": [s.name for s in b.servers]}
+                     for b in fleet_backends]}, indent=1) + "\n"
+
+
 def backend_keys_map(fleet_backends: tuple[Backend, ...]) -> str:
     """backend name -> "Bearer KEY", for the Authorization header the gateway sets. A secret:
     it only ever travels as a file upload."""
@@ -266,6 +279,9 @@ def gateway(settings: HostSettings) -> None:
     # one finishes its requests, so no connection is dropped.
     systemd.service(name="HAProxy reload", service="haproxy.service", reloaded=True,
                     _if=lambda: services.any_changed(changed))
+    # Last, so it only describes a gateway whose every step above succeeded.
+    files.put(name="Gateway record for tests/host", src=StringIO(record(spec, fleet_backends)),
+              dest=RECORD, user="root", group="root", mode="644")
 
 
 _fleets: dict[int, tuple[dict[str, HostSettings], dict[str, str]]] = {}

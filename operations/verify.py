@@ -243,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     if not hosts:
         print(f"verify: inventory {args.inventory} has no hosts", file=sys.stderr)
         return 2
+    # As the deploy does: a host with neither services nor a gateway (a web server, a database
+    # in the same inventory) is not ours to check.
+    left_alone = [h.name for h in hosts if "llm_services" not in h.data and "llm_gateway" not in h.data]
+    if left_alone:
+        print(f"verify: left alone (no llm_services, no llm_gateway): {', '.join(left_alone)}")
+        hosts = [h for h in hosts if h.name not in left_alone]
+        if not hosts:
+            return 0
     targets = []
     for index, h in enumerate(hosts):
         try:

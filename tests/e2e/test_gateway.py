@@ -16,6 +16,8 @@ import contextlib
 import json
 import pprint
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import cache, deployment, sandbox
-from tests.support.deployment import run_deploy, ssh
+from tests.support.deployment import REPO, run_deploy, ssh
 
 pytestmark = pytest.mark.e2e
 
@@ -141,6 +143,24 @@ def test_the_gateway_converges_and_a_rerun_changes_nothing(site):
     assert [rows[f"be_translate/{name}-translate"]["status"] for name in BACKENDS] == ["UP"] * 3
 
 
+def test_verify_checks_the_gateway_beside_its_backends(site):
+    result = subprocess.run([sys.executable, "-m", "llmhost.verify", str(site["inventory"]("site.py")),
+                             "--", "-v"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    summary = result.stdout.split("== llmhost verify: per-host summary ==")[-1]
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "4 of 4 hosts passed" in summary, summary
+    blocks = {block.split(" ", 1)[0]: block for block in result.stdout.split("\n===== ")[1:]}
+    gate = blocks[GATEWAY]
+    for check in ("test_haproxy_is_enabled_active_and_accepts_its_config",
+                  "test_every_server_of_every_model_is_up_at_the_gateway",
+                  "test_the_gateway_asks_a_client_key_and_serves_with_one",
+                  "test_no_client_key_in_the_config_or_the_journal"):
+        assert re.search(rf"{check}\[[^\]]*\] PASSED", gate), gate[-3000:]
+    # and on a backend, the gateway checks do not apply
+    assert re.search(r"test_gateway.py::test_haproxy_is_enabled_active_and_accepts_its_config"
+                     r"\[[^\]]*\] SKIPPED", blocks["back1"])
+
+
 def test_keys_are_checked_at_the_edge_and_never_shown(site):
     port, key = site["port"], client_key(site)
     assert complete(port, None) == 401
@@ -221,6 +241,8 @@ def test_a_revoked_client_key_gets_401_after_the_deploy(site):
     assert complete(site["port"], other) == 200
     result = run_deploy(site["inventory"]("revoke.py", clients=("tester",), ctx_size=4096))
     assert result.returncode == 0, result.output[-4000:]
-    assert result.changed_operations == ["Client keys", "HAProxy reload"], result.changed_operations
+    changed = result.changed_operations
+    assert {"Client keys", "HAProxy reload", "Gateway record for tests/host"} <= set(changed), changed
+    assert "HAProxy config" not in changed, changed  # keys are not in the config
     assert complete(site["port"], other) == 401
     assert complete(site["port"], client_key(site)) == 200

@@ -39,3 +39,14 @@ def test_the_inventory_check_stops_on_missing_keys_before_pyinfra_connects(tmp_p
         "host web2: ssh_key: found '/nope/b', which does not exist on the controller; expected the "
         "private key file to log in with"]
     check_ssh_keys({"gpu_servers": [("gpu1", {"ssh_key": str(key)})]})  # present: no error
+
+
+def test_hosts_without_services_or_gateway_are_left_alone(tmp_path, capsys):
+    """A web server in the same inventory is not checked (it would fail for a missing
+    manifest it was never meant to have)."""
+    from llmhost.verify import main
+
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text("web = [('web1', {'ssh_user': 'root'})]\n")
+    assert main([str(inventory)]) == 0
+    assert "verify: left alone (no llm_services, no llm_gateway): web1" in capsys.readouterr().out
