@@ -25,6 +25,8 @@ warm, 30 s after a call; each call carries at most 64 MiB and runs at most 10 mi
     python3 -m benchmarks.gpu_sandbox faults    # a unit on the CPU rolled back under load, a GPU
                                                 # hidden by the unit refused, a rejected flag
     python3 -m benchmarks.gpu_sandbox two-gpus  # services pinned to GPU 0, GPU 1, and both
+    python3 -m benchmarks.gpu_sandbox gateway   # two hosts (one GPU each) behind a gateway host:
+                                                # deploy, rerun, verify, decode through it
 
 Each call may carry the freshly built llmhost wheel (pack --wheel-only), so a fix made here
 reaches the next call. Files for benchmarks/gpu-sandbox/ come back in $OUT (8 at most a call).
@@ -107,7 +109,9 @@ def pack(args) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
 
-    extra = tuple(p for p in BUILD_PACKAGES if p not in sandbox.BASE_PACKAGES)
+    # The GPU machine has no network: what the deploy installs must be in the image already
+    # (the build's packages, and HAProxy for the gateway host of the `gateway` phase).
+    extra = tuple(p for p in BUILD_PACKAGES if p not in sandbox.BASE_PACKAGES) + ("haproxy",)
     rootfs = _slim_rootfs(sandbox.base_tarball("bookworm", extra=extra), staging / "rootfs.tar.xz")
     llamacpp = staging / "llama.cpp.tar.gz"
     _trimmed_source(cache.llamacpp_repo(), llamacpp)
@@ -319,22 +323,22 @@ def _env() -> dict:
             "PATH": f"{WORK / 'site' / 'bin'}:{os.environ.get('PATH', '')}"}
 
 
-def _sandbox():
-    """The GPU host: prepared once (its root stays under /var/tmp while the machine is warm)."""
+def _sandbox(name: str = SANDBOX):
+    """A GPU host: prepared once (its root stays under /var/tmp while the machine is warm)."""
     from tests.support import sandbox
 
-    workdir = WORK / "host"
+    workdir = WORK / ("host" if name == SANDBOX else f"host-{name}")
     state = workdir / "state.json"
     cuda = os.path.realpath("/usr/local/cuda")
     binds_ro = {} if REHEARSAL else {"/usr/local/nvidia": "/usr/local/nvidia", cuda: cuda}
     if state.exists():
         data = json.loads(state.read_text())
-        return sandbox.SandboxHost(name=SANDBOX, suite="bookworm", workdir=workdir,
+        return sandbox.SandboxHost(name=name, suite="bookworm", workdir=workdir,
                                    ssh_port=data["ssh_port"], key_path=workdir / "id_ed25519",
                                    binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
                                    login_user=LOGIN_USER)
     workdir.mkdir(parents=True)
-    host = sandbox.SandboxHost(name=SANDBOX, suite="bookworm", workdir=workdir,
+    host = sandbox.SandboxHost(name=name, suite="bookworm", workdir=workdir,
                                ssh_port=sandbox.free_port(), key_path=workdir / "id_ed25519",
                                binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
                                login_user=LOGIN_USER)
@@ -358,18 +362,22 @@ def _sandbox():
 
 
 class booted:
-    """Boot the GPU host for one phase and power it off at its end, pass or fail."""
+    """Boot a GPU host for one phase and power it off at its end, pass or fail."""
+
+    def __init__(self, name: str = SANDBOX):
+        self.name = name
 
     def __enter__(self):
-        self.host = _sandbox()
+        self.host = _sandbox(self.name)
         started = time.monotonic()
         self.host.boot(timeout=120)
-        say(f"sandbox booted (systemd running, sshd answering) in {time.monotonic() - started:.1f}s")
+        say(f"sandbox {self.name} booted (systemd running, sshd answering) in "
+            f"{time.monotonic() - started:.1f}s")
         return self.host
 
     def __exit__(self, *exc) -> None:
         self.host.stop()
-        say("sandbox powered off")
+        say(f"sandbox {self.name} powered off")
 
 
 def _inventory(host, name: str = "inventory.py", **changes) -> Path:
@@ -652,6 +660,102 @@ def two_gpus(args) -> int:
     return 0
 
 
+FLEET = {"gpu0host": (18082, 0), "gpu1host": (18092, 1)}  # host: (port of main, its GPU)
+GATEWAY_HOST, GATE_PORT, GATE_METRICS = "gatehost", 18100, 18101
+
+
+def _fleet_inventory(hosts: dict, key: Path) -> Path:
+    """Two GPU hosts, one GPU each, serving `main` with one pushed key, and a gateway host."""
+    model = {"source": "local", "path": str(WORK / "gemma-3-270m-q4_k_m.gguf"),
+             "sha256": json.loads((WORK / "manifest.json").read_text())["model_sha256"]}
+    servers = []
+    for name, (port, gpu) in FLEET.items():
+        main = {"port": port, "model": model, "gpu_layers": 99, "ctx_size": 32768, "parallel": 4,
+                "cache_type_k": "q4_0", "cache_type_v": "q8_0", "reasoning": "off",
+                "gpus": [gpu], "api_key_file": str(key)}
+        if REHEARSAL:
+            main.update(gpu_layers=0, ctx_size=4096, gpus=None)
+        servers.append((name, {**hosts[name].pyinfra_data(), "llm_llamacpp_source": "local",
+                               "llm_llamacpp_local_path": str(WORK / "llama.cpp.tar.gz"),
+                               # Both hosts build at once on one machine: half its cores each.
+                               "llm_build_jobs": max(1, (os.cpu_count() or 2) // 2),
+                               "llm_services": {"main": main}}))
+    gateway = [(GATEWAY_HOST, {**hosts[GATEWAY_HOST].pyinfra_data(), "llm_gateway": {
+        "clients": ["bench"], "bind": "127.0.0.1", "port": GATE_PORT,
+        "metrics_port": GATE_METRICS, "check_interval": 1}})]
+    path = WORK / "fleet.py"
+    path.write_text(f"gpu_servers = {servers!r}\nllm_gateways = {gateway!r}\n")
+    return path
+
+
+def gateway_phase(args) -> int:
+    """Two GPU hosts (one GPU each) behind a gateway host: deploy, rerun, verify, then
+    aggregate decode through the gateway at 8 parallel against one host at 4, alternated."""
+    import contextlib
+    import secrets
+
+    receive()
+    _install_wheels()
+    key = WORK / "main.key"
+    if not key.exists():
+        key.write_text(secrets.token_hex(32) + "\n")
+        key.chmod(0o600)
+    with contextlib.ExitStack() as stack:
+        hosts = {name: stack.enter_context(booted(name)) for name in (*FLEET, GATEWAY_HOST)}
+        inventory = _fleet_inventory(hosts, key)
+        first = _deploy(inventory, "gateway.log", "two GPU hosts and a gateway")
+        if first.returncode:
+            return 1
+        rerun = _deploy(inventory, "gateway.log", "rerun")
+        if rerun.returncode or rerun.changed_operations:
+            say("rerun: NOT a zero-change run")
+        _verify(inventory, "verify-gateway.log", "two GPU hosts and the gateway")
+        client = hosts[GATEWAY_HOST].exec("cat", "/etc/llmhost-gateway/clients/bench.key").stdout.strip()
+        _fleet_decode(key.read_text().strip(), client, blocks=args.blocks, tokens=args.tokens)
+        say(_sh(hosts[GATEWAY_HOST], "python3 /usr/local/lib/llmhost/gateway_admin.py show"))
+    return 0
+
+
+def _batch(port: int, key: str, parallel: int, tokens: int) -> tuple[int, float]:
+    """``parallel`` completions at once: (tokens generated, seconds from first start to last end)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_):
+        body = json.dumps({"prompt": "Write a long story about a lighthouse keeper.",
+                           "n_predict": tokens, "temperature": 0, "ignore_eos": True,
+                           "cache_prompt": False}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body, headers={
+            "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return int(json.load(response)["tokens_predicted"])
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(parallel) as pool:
+        generated = sum(pool.map(one, range(parallel)))
+    return generated, time.monotonic() - started
+
+
+def _fleet_decode(backend_key: str, client_key: str, blocks: int, tokens: int) -> None:
+    one_host, gateway = [], []
+    direct_port = FLEET["gpu0host"][0]
+    _batch(direct_port, backend_key, 4, 16)  # warm both paths
+    _batch(GATE_PORT, client_key, 8, 16)
+    for _ in range(blocks):
+        n, seconds = _batch(direct_port, backend_key, 4, tokens)
+        one_host.append(n / seconds)
+        n, seconds = _batch(GATE_PORT, client_key, 8, tokens)
+        gateway.append(n / seconds)
+    ratio = statistics.median(gateway) / statistics.median(one_host)
+    result = {"tokens_per_request": tokens, "blocks": blocks, "one_host_at_4": one_host,
+              "gateway_at_8": gateway, "median_one_host": statistics.median(one_host),
+              "median_gateway": statistics.median(gateway), "ratio": ratio}
+    (OUT / "fleet-decode.json").write_text(json.dumps(result, indent=1))
+    say(f"aggregate decode, {blocks} alternated blocks of {tokens} tokens per request (client "
+        f"side: tokens / wall time of the batch): one host at 4 parallel "
+        f"{statistics.median(one_host):.1f} tok/s, the gateway over two hosts at 8 parallel "
+        f"{statistics.median(gateway):.1f} tok/s, ratio {ratio:.2f} (target >= 1.8)")
+
+
 # =========================================================================== measurements
 
 def _wait_healthy(port: int, timeout: float, label: str) -> float:
@@ -780,7 +884,8 @@ def _hardening_probe(host) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", nargs="+",
-                        choices=["pack", "probe", "receive", "up", "prove", "faults", "two-gpus", "shell"])
+                        choices=["pack", "probe", "receive", "up", "prove", "faults", "two-gpus",
+                                 "gateway", "shell"])
     parser.add_argument("--command", default="true", help="shell: what to run inside the host")
     parser.add_argument("--wheel-only", action="store_true", help="pack: rebuild the llmhost wheel only")
     parser.add_argument("--blocks", type=int, default=6, help="prove: unit/hand alternated blocks")
@@ -789,7 +894,7 @@ def main() -> int:
     parser.add_argument("--no-hardening", dest="hardening", action="store_false")
     args = parser.parse_args()
     phases = {"pack": pack, "probe": probe, "receive": receive, "up": up, "prove": prove,
-              "faults": faults, "two-gpus": two_gpus, "shell": shell}
+              "faults": faults, "two-gpus": two_gpus, "gateway": gateway_phase, "shell": shell}
     code = 0
     for phase in args.phase:
         if phase != "pack":
