@@ -9,7 +9,8 @@
 - the switch helper killed on the host mid-switch, then a switch that fails: the rollback returns
   to the unit that last passed the health gate.
 
-Each later test starts from the state the one before left (one host for the module).
+One host for the module: each test starts from what the tests before left, and first deploys
+the state it relies on where that is more than the converged host (a no-op in the module's run).
 """
 
 from __future__ import annotations
@@ -270,8 +271,11 @@ def test_failed_switch_after_an_interrupted_one_returns_to_the_last_healthy_unit
     exactly what the helper has written at that point: the saved previous unit, the marker, and
     the new unit written and restarted."""
     host, units = site["host"], "/var/lib/llmhost/units"
+    # The healthy unit to return to runs --parallel 4 (the mid-switch test's inventory: no-op after it).
+    ensured = run_deploy(site["inventory"]("switch.py", parallel=4), env=site["env"])
+    assert ensured.returncode == 0, ensured.output[-4000:]
     healthy_unit = ssh(host, f"cat /etc/systemd/system/{UNIT}").stdout
-    assert "--parallel 4 " in healthy_unit  # what the tests before left
+    assert "--parallel 4 " in healthy_unit
     ssh(host, f"cp /etc/systemd/system/{UNIT} {units}/{UNIT}.previous && touch {units}/{UNIT}.switching "
               f"&& sed -i 's/--parallel 4 /--parallel 1 /' /etc/systemd/system/{UNIT} "
               f"&& systemctl daemon-reload && systemctl restart {UNIT}")

@@ -153,15 +153,22 @@ def test_first_run_converges(converged):
     assert "done:" in converged["first"].output and "verified" in converged["first"].output
 
 
-def test_second_run_changes_nothing(converged):
+@pytest.fixture(scope="module")
+def second(converged):
+    """The same inventory again, right after the first run: the idempotence check reads it, and
+    the secrets check searches its output too."""
     served_before = dict(converged["hub"].served)
-    second = run_deploy(converged["inventory"](), env=converged["env"])
-    assert second.returncode == 0, second.output[-4000:]
-    assert second.changed_operations == [], (
-        f"idempotence: these operations changed on the second run: {second.changed_operations}\n"
-        + second.output[-4000:])
-    assert converged["hub"].served == served_before, "the rerun downloaded model bytes again"
-    converged["second"] = second
+    result = run_deploy(converged["inventory"](), env=converged["env"])
+    return {"result": result, "refetched": converged["hub"].served != served_before}
+
+
+def test_second_run_changes_nothing(second):
+    result = second["result"]
+    assert result.returncode == 0, result.output[-4000:]
+    assert result.changed_operations == [], (
+        f"idempotence: these operations changed on the second run: {result.changed_operations}\n"
+        + result.output[-4000:])
+    assert not second["refetched"], "the rerun downloaded model bytes again"
 
 
 def test_host_suite_passes(converged):
@@ -192,10 +199,10 @@ def test_served_answer_from_the_pinned_commit(converged):
     assert "0c1e5709" in version, version
 
 
-def test_secrets_appear_in_no_output_unit_or_process(converged):
+def test_secrets_appear_in_no_output_unit_or_process(converged, second):
     host = converged["host"]
     keys = [ssh(host, f"cat /etc/llama/keys/{name}.key").stdout.strip() for name in converged["ports"]]
-    outputs = converged["first"].output + converged["second"].output
+    outputs = converged["first"].output + second["result"].output
     for secret in [TOKEN, *keys]:
         assert secret not in outputs
     # The HF token went to the host on stdin only: nowhere on its disk, in no process.
@@ -244,11 +251,18 @@ def test_unhealthy_new_unit_rolls_back_while_the_old_one_answers(converged, tmp_
     assert poller.samples[-1][1], "the old service is not answering after the deploy"
 
 
+DROP_IN = "/etc/systemd/system/llama-translate.service.d/local.conf"
+
+
+def write_user_drop_in(host) -> None:
+    """The drop-in a user adds beside the unit, which deploys must leave alone (same text each time)."""
+    ssh(host, "mkdir -p /etc/systemd/system/llama-translate.service.d && printf "
+              f"'[Service]\\nEnvironment=LLMHOST_TEST_DROPIN=kept\\n' > {DROP_IN} && systemctl daemon-reload")
+
+
 def test_user_drop_in_survives_and_only_the_changed_service_restarts(converged):
     host = converged["host"]
-    ssh(host, "mkdir -p /etc/systemd/system/llama-translate.service.d && printf "
-              "'[Service]\\nEnvironment=LLMHOST_TEST_DROPIN=kept\\n' > "
-              "/etc/systemd/system/llama-translate.service.d/local.conf && systemctl daemon-reload")
+    write_user_drop_in(host)
     pids = {name: ssh(host, f"systemctl show -p MainPID --value llama-{name}").stdout.strip()
             for name in converged["ports"]}
     result = run_deploy(converged["inventory"]("parallel.py", translate={"parallel": 4}),
@@ -260,7 +274,7 @@ def test_user_drop_in_survives_and_only_the_changed_service_restarts(converged):
              for name in converged["ports"]}
     assert after["chat"] == pids["chat"], "an unchanged service was restarted"
     assert after["translate"] != pids["translate"]
-    assert ssh(host, "cat /etc/systemd/system/llama-translate.service.d/local.conf").stdout.strip().endswith("kept")
+    assert ssh(host, f"cat {DROP_IN}").stdout.strip().endswith("kept")
     env = ssh(host, "systemctl show -p Environment --value llama-translate").stdout
     assert "LLMHOST_TEST_DROPIN=kept" in env
 
@@ -330,6 +344,15 @@ def test_renamed_service_that_fails_gives_its_port_back_to_the_old_one(converged
 
 def test_renamed_service_takes_over_the_port_and_the_old_unit_retires(converged):
     host, port = converged["host"], converged["ports"]["translate"]
+    # What the retire must handle, made here: a rollback target (a switch of translate saves one:
+    # this deploy, a no-op after the drop-in test's) and a user's drop-in.
+    ensured = run_deploy(converged["inventory"]("parallel.py", translate={"parallel": 4}), env=converged["env"])
+    assert ensured.returncode == 0, ensured.output[-4000:]
+    write_user_drop_in(host)
+    assert ssh(host, "test -f /var/lib/llmhost/units/llama-translate.service.previous && echo saved"
+               ).stdout.strip() == "saved"
+    # A first rename to this name: the failed rename before may have left its key, so it goes.
+    ssh(host, "rm -f /etc/llama/keys/translator.key")
     inventory = converged["inventory"]("renamed.py", rename={"translate": "translator"})
     poller = HealthPoller(port)
     poller.start()
@@ -338,7 +361,8 @@ def test_renamed_service_takes_over_the_port_and_the_old_unit_retires(converged)
     poller.stop()
     assert result.returncode == 0, result.output[-4000:]
     # The switch retired the old unit; the retire step after it found nothing left to do.
-    assert result.changed_operations == ["Service llama-translator.service", "Manifest for tests/host"]
+    assert result.changed_operations == ["API key of translator", "Service llama-translator.service",
+                                         "Manifest for tests/host"]
     assert "llama-translate.service: retired" in result.output, result.output[-4000:]
     assert unit_states(host, "llama-translate", "llama-translator", "llama-chat") == {
         "llama-translate": "inactive", "llama-translator": "active", "llama-chat": "active"}
@@ -346,13 +370,13 @@ def test_renamed_service_takes_over_the_port_and_the_old_unit_retires(converged)
     assert ssh(host, "ls /etc/systemd/system/llama-translate.service "
                      "/var/lib/llmhost/units/retired/llama-translate.service", check=False).stdout.strip() \
         == "/var/lib/llmhost/units/retired/llama-translate.service"
-    # Its rollback target went with it (an earlier test's switch saved one).
+    # Its rollback target went with it.
     assert ssh(host, "ls /var/lib/llmhost/units/llama-translate.service.previous "
                      "/var/lib/llmhost/units/retired/llama-translate.service.previous", check=False).stdout.strip() \
         == "/var/lib/llmhost/units/retired/llama-translate.service.previous"
-    # What stays: the old key, the user's drop-in (an earlier test wrote it).
-    assert ssh(host, "test -s /etc/llama/keys/translate.key && test -f "
-                     "/etc/systemd/system/llama-translate.service.d/local.conf && echo kept").stdout.strip() == "kept"
+    # What stays: the old key, the user's drop-in.
+    assert ssh(host, f"test -s /etc/llama/keys/translate.key && test -f {DROP_IN} && echo kept"
+               ).stdout.strip() == "kept"
     assert completion(host, port, "/etc/llama/keys/translator.key")["content"]
     windows = poller.outages()  # the handover: the old unit stops, the new one starts
     assert len(windows) == 1 and windows[0][1] < 60, windows
@@ -364,6 +388,10 @@ def test_renamed_service_takes_over_the_port_and_the_old_unit_retires(converged)
 
 def test_removed_service_is_retired_and_the_others_keep_serving(converged):
     host = converged["host"]
+    # The rename is this test's starting point, not its change: a no-op after the rename test.
+    renamed = run_deploy(converged["inventory"]("renamed.py", rename={"translate": "translator"}),
+                         env=converged["env"])
+    assert renamed.returncode == 0, renamed.output[-4000:]
     translator_pid = ssh(host, "systemctl show -p MainPID --value llama-translator").stdout.strip()
     inventory = converged["inventory"]("dropped.py", rename={"translate": "translator"}, drop=("chat",))
     result = run_deploy(inventory, env=converged["env"])
