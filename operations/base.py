@@ -77,7 +77,7 @@ def directories(settings: HostSettings) -> None:
 
 # The bench uploads its own helper when it runs (llmhost.bench): a deploy never ships it, so an
 # edit of the bench changes nothing on a host's next deploy.
-NOT_DEPLOYED = ("__init__.py", "bench_service.py")
+NOT_DEPLOYED = ("__init__.py", "bench_service.py", "bench_gateway.py")
 
 
 @operation()

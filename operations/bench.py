@@ -33,6 +33,8 @@ from llmhost.services import MANIFEST_NAME
 from llmhost.settings import load_host_settings
 
 HELPER = data_dir("files") / "bench_service.py"
+GATEWAY_HELPER = data_dir("files") / "bench_gateway.py"
+GATEWAY_RECORD = "/etc/llmhost-gateway/gateway.json"  # llmhost.gateway.RECORD
 
 
 def say(message: str) -> None:
@@ -64,8 +66,37 @@ def read_manifest(host: InventoryHost, config_dir: str) -> Manifest:
         raise RuntimeError(f"{path}: {error}") from None
 
 
+def bench_gateway(host: InventoryHost, args: argparse.Namespace) -> dict:
+    """Decode through a gateway host's own address, measured there (files/bench_gateway.py):
+    {"services": [], "gateway": result, "error": None}."""
+    with host:
+        ok, tmp, err = host.run("mktemp -d /tmp/llmhost-bench.XXXXXX")
+        if not ok:
+            raise RuntimeError(f"mktemp failed: {err}")
+        tmp = tmp.strip()
+        try:
+            if not host.put(str(GATEWAY_HELPER), f"{tmp}/bench_gateway.py"):
+                raise RuntimeError(f"upload of {GATEWAY_HELPER.name} to {tmp} failed")
+            say(f"[{host.name}] gateway: decode through it (bench_gateway.py on the host)")
+            command = " ".join(map(shlex.quote, [
+                "python3", f"{tmp}/bench_gateway.py", "--record", GATEWAY_RECORD, "--out",
+                f"{tmp}/gateway.json", "--decode-tokens", str(args.decode_tokens),
+                "--rounds", str(args.rounds), "--parallel", *map(str, args.parallel)]))
+            ok, stdout, stderr = host.run(command, print_output=True, timeout=int(args.time_budget) + 300)
+            buffer = io.BytesIO()
+            if not ok or not host.get(f"{tmp}/gateway.json", buffer):
+                tail = (stderr or stdout).strip().splitlines()[-5:]
+                raise RuntimeError(f"bench_gateway.py failed: {' / '.join(tail)}")
+        finally:
+            host.run(f"rm -rf {shlex.quote(tmp)}")
+    return {"services": [], "gateway": json.loads(buffer.getvalue().decode()), "error": None}
+
+
 def bench_host(host: InventoryHost, args: argparse.Namespace) -> dict:
-    """Every chosen service of one host: {"services": [result, ...], "error": str | None}."""
+    """Every chosen service of one host: {"services": [result, ...], "error": str | None}; on a
+    gateway host, decode through the gateway."""
+    if "llm_gateway" in host.data and "llm_services" not in host.data:
+        return bench_gateway(host, args)
     entry: dict = {"services": [], "error": None}
     config_dir = load_host_settings(host.name, host.data).config_dir
     with host:
@@ -162,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except InventoryError as error:
         say(str(error))
         return 1
+    left_alone = [h.name for h in hosts if "llm_services" not in h.data and "llm_gateway" not in h.data]
+    if left_alone:
+        say(f"left alone (no llm_services, no llm_gateway): {', '.join(left_alone)}")
     fleet: dict = {}
     failed = False
-    for host in hosts:
+    for host in (h for h in hosts if h.name not in left_alone):
         t = time.monotonic()
         say(f"[{host.name}] connecting")
         try:

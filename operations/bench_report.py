@@ -256,7 +256,36 @@ def render(fleet: dict, *, command: str, started: str, plots: dict[str, str], pl
     out += [plot_note, ""] if plot_note else []
     for host, result in services(fleet):
         out += service_section(host, result, plots)
+    for host, entry in fleet.items():
+        if entry.get("gateway"):
+            out += gateway_section(host, entry["gateway"], fleet)
     return "\n".join(out).rstrip() + "\n"
+
+
+def gateway_section(host: str, result: dict, fleet: dict) -> list[str]:
+    """Decode through the gateway, beside each of its servers' own aggregate from this run."""
+    out = [f"## Through the gateway {host}", "",
+           f"Measured on the gateway host against {result['url']} with client "
+           f"{result['client']}'s key; {result['decode_tokens']} tokens per request; aggregate = "
+           "tokens generated / wall time of each batch (median of rounds), per request = the "
+           "servers' own timings.", ""]
+    own = {f"{h}-{r['service']['name']}": max((lv["aggregate_tok_s"] for lv in
+                                              (r.get("decode") or {}).get("levels", [])), default=None)
+           for h, r in services(fleet)}
+    for model in result["models"]:
+        out += [f"### {model['model']} ({len(model['servers'])} servers, {model['slots']} slots)", ""]
+        out += table(["Parallel", "Aggregate tok/s", "Per request tok/s"],
+                     [[lv["parallel"], fmt(lv["aggregate_tok_s"]), fmt(lv["per_request_tok_s"])]
+                      for lv in model["levels"]])
+        figures = [own.get(server) for server in model["servers"]]
+        if any(f is not None for f in figures):
+            out += ["Each server's own best aggregate in this run (on its host, its own address): " +
+                    ", ".join(f"{server} {fmt(f)}" for server, f in zip(model["servers"], figures)) +
+                    f"; sum {fmt(sum(f for f in figures if f is not None))} tok/s.", ""]
+        else:
+            out += ["Its servers were not measured on their hosts in this run (add them to --limit "
+                    "to see their own aggregate beside this).", ""]
+    return out
 
 
 def make_plots(fleet: dict, directory: Path) -> tuple[dict[str, str], str]:

@@ -165,8 +165,9 @@ def record(spec: GatewaySpec, fleet_backends: tuple[Backend, ...]) -> str:
         "port": spec.port, "bind": spec.bind, "tls": bool(spec.tls_cert_file),
         "metrics": f"{spec.metrics_bind}:{spec.metrics_port}", "client_keys": CLIENT_KEYS,
         "clients": list(spec.clients), "admin_socket": ADMIN_SOCKET,
-        "backends": [{"name": b.name, "model": b.model, "servers": [s.name for s in b.servers]}
-                     for b in fleet_backends]}, indent=1) + "\n"
+        "backends": [{"name": b.name, "model": b.model, "servers": [s.name for s in b.servers],
+                      "slots": [s.slots for s in b.servers]} for b in fleet_backends]},
+        indent=1) + "\n"
 
 
 def backend_keys_map(fleet_backends: tuple[Backend, ...]) -> str:

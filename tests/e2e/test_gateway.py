@@ -177,6 +177,21 @@ def test_keys_are_checked_at_the_edge_and_never_shown(site):
     assert not any(secret in site["first"].output for secret in secrets)
 
 
+def test_the_bench_measures_decode_through_the_gateway(site, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "llmhost.bench", str(site["inventory"]("site.py")), "--limit", GATEWAY,
+         "--decode-tokens", "8", "--parallel", "1", "2", "--rounds", "1", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    gateway = json.loads((tmp_path / f"{GATEWAY}.json").read_text())["gateway"]
+    levels = [lv["parallel"] for lv in gateway["models"][0]["levels"]]
+    assert levels == [1, 2, 6], levels  # asked, and one request per slot of the three servers
+    assert all(lv["aggregate_tok_s"] > 0 for lv in gateway["models"][0]["levels"])
+    report = (tmp_path / "report.md").read_text()
+    assert f"## Through the gateway {GATEWAY}" in report and "### translate (3 servers, 6 slots)" in report
+    assert client_key(site) not in result.stdout + result.stderr + report
+
+
 def test_requests_beyond_the_slots_queue_at_the_gateway(site):
     port, key = site["port"], client_key(site)
     with ThreadPoolExecutor(12) as pool:
@@ -220,19 +235,24 @@ def test_a_killed_backend_costs_no_request(site):
     load.start()
     time.sleep(4)
     ssh(back, "kill -9 $(systemctl show -p MainPID --value llama-translate)")
-    deadline, seen = time.monotonic() + 60, []
+    killed = time.monotonic()
+    deadline, seen, down_after = killed + 60, [], None
     while time.monotonic() < deadline:
         status = gateway_show(site)["be_translate/back2-translate"]["status"]
         if not seen or seen[-1] != status:
             seen.append(status)
+        if status == "DOWN" and down_after is None:
+            down_after = time.monotonic() - killed
         if "DOWN" in seen and status == "UP":
             break
         time.sleep(0.3)
     statuses = load.stop()
     assert set(statuses) == {200}, f"failed: {[s for s in statuses if s != 200]} of {len(statuses)}"
     assert any(s.startswith("DOWN") for s in seen) and seen[-1] == "UP", seen
+    # check_interval 1 s, out after 2 failed checks: DOWN within 2 intervals (+ our polling).
+    assert down_after is not None and down_after <= 2 * 1 + 2, (down_after, seen)
     backend = gateway_show(site)["be_translate/BACKEND"]
-    print(f"killed backend: {len(statuses)} requests all 200; states {seen}; "
+    print(f"killed backend: {len(statuses)} requests all 200; DOWN after {down_after:.1f}s; states {seen}; "
           f"retries {backend['wretr']}, redispatches {backend['wredis']}")
 
 

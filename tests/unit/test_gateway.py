@@ -217,7 +217,9 @@ class FakeLlamaServer(BaseHTTPRequestHandler):
         time.sleep(body.get("sleep", 0))
         with self.server.lock:
             self.server.busy -= 1
-        self._send(200, {"server": self.server.label, "model": body.get("model")})
+        n = body.get("n_predict", 0)  # as llama-server's /completion answers
+        self._send(200, {"server": self.server.label, "model": body.get("model"),
+                         "tokens_predicted": n, "timings": {"predicted_per_second": 100.0}})
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -383,3 +385,37 @@ def test_the_example_group_data_of_gateways_is_valid():
     exec((REPO / "group_data" / "llm_gateways.py").read_text(), namespace)
     spec = load_host_settings("gw", {"llm_gateway": namespace["llm_gateway"]}).gateway
     assert spec.clients == ("team",) and spec.metrics_bind == "127.0.0.1"
+
+
+def test_the_gateway_bench_measures_through_it_and_the_report_shows_it(running_gateway, tmp_path):
+    """files/bench_gateway.py on "the gateway host" (here), with the record the deploy writes,
+    and the bench report's section built from its result."""
+    from llmhost import bench_report
+
+    gw = running_gateway
+    keys = tmp_path / "clients"
+    keys.mkdir()
+    (keys / "team-a.key").write_text(CLIENT_KEY)
+    spec = gateway_spec(port=gw["port"], bind="127.0.0.1")
+    record = json.loads(gateway.record(spec, gateway.backends(gw["hosts"], {h: "127.0.0.1" for h in gw["hosts"]})))
+    record["client_keys"] = str(keys)
+    (tmp_path / "gateway.json").write_text(json.dumps(record))
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, str(REPO / "files" / "bench_gateway.py"), "--record",
+                          str(tmp_path / "gateway.json"), "--out", str(out), "--decode-tokens", "8",
+                          "--parallel", "1", "--rounds", "2"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert CLIENT_KEY not in run.stdout + run.stderr + out.read_text()
+    result = json.loads(out.read_text())
+    by_model = {m["model"]: m for m in result["models"]}
+    assert sorted(by_model) == ["chat", "translate"]
+    # Levels: the asked ones and one request per slot of the model's servers (2 x 1 slot).
+    assert [lv["parallel"] for lv in by_model["translate"]["levels"]] == [1, 2]
+    for level in by_model["translate"]["levels"]:
+        assert all(r["tokens"] == 8 * level["parallel"] for r in level["rounds"])
+        assert level["aggregate_tok_s"] > 0 and level["per_request_tok_s"] == 100.0
+    served = {s.label: len(s.seen) for s in gw["servers"].values()}
+    assert served["h3"] == 2 and served["h1"] + served["h2"] == 2 * (1 + 2), served
+    section = "\n".join(bench_report.gateway_section("gw", result, {"gw": {"services": []}}))
+    assert "## Through the gateway gw" in section and "### translate (2 servers, 2 slots)" in section
+    assert "Its servers were not measured on their hosts in this run" in section
