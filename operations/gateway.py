@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 import shlex
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ TLS_PEM = f"{STATE_DIR}/tls.pem"
 RECORD = f"{STATE_DIR}/gateway.json"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 TEMPLATES = data_dir("templates")
+
+logger = logging.getLogger("llmhost")
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,13 @@ def drain_steps(settings: HostSettings, service) -> tuple[list[FunctionCommand],
     backend = "be_" + _haproxy_name(model)
     server = _haproxy_name(f"{host.name}-{service.name}")
     before, after = [], []
+    active = set(state.inventory.get_active_hosts())
     for gw in gateways():
+        if gw not in active:
+            # Outside --limit (or unreachable): the restart goes ahead, and the operator is told.
+            logger.warning(f"[{host.name}] gateway {gw.name} is not in this run: {server} is not "
+                           f"drained there before {service.unit_name} restarts")
+            continue
         spec = gw.data.get("llm_gateway") or {}
         timeout = int(spec.get("drain_timeout", GatewaySpec.drain_timeout))
         interval = int(spec.get("check_interval", GatewaySpec.check_interval))
