@@ -8,5 +8,6 @@ llm_gateway = {
     # One key per client, made on the gateway: /etc/llmhost-gateway/clients/<name>.key
     # (root-only). Remove a name to revoke its key; the gateway reloads without dropping a request.
     "clients": ["team"],
+    # Or push a key you hold: "client_key_files": {"team": "/home/me/keys/team.key"},
     "port": 8080,
 }

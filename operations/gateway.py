@@ -187,32 +187,36 @@ def backend_keys_map(fleet_backends: tuple[Backend, ...]) -> str:
 # ------------------------------------------------------------------------------- operations
 
 @operation()
-def client_keys(clients: list[str], key_dir: str = CLIENT_KEYS, map_path: str = CLIENTS_MAP):
-    """A key per client, made on the gateway when it has none (32 random bytes, hex, root-only),
-    the keys of clients no longer listed removed (revoked), and the map HAProxy checks keys
-    against: "sha256-of-key client" per line, so the config and the map hold no key.
+def client_keys(clients: list[str], pushed: dict[str, str] | None = None,
+                key_dir: str = CLIENT_KEYS, map_path: str = CLIENTS_MAP):
+    """A key per client, made on the gateway when it has none (32 random bytes, hex, root-only)
+    unless it is pushed, the keys of clients no longer listed removed (revoked), and the map
+    HAProxy checks keys against: "sha256-of-key client" per line, so the config and the map
+    hold no key.
 
     + clients: the client names of llm_gateway.clients
-    + key_dir: where the keys live, one NAME.key each
+    + pushed: client name -> sha256 of its pushed key (the deploy puts the file before this runs)
+    + key_dir: where the keys live, one NAME.key each, without a newline
     + map_path: the map file
 
     **Example:**
 
     .. code:: python
 
-        client_keys(name="Client keys", clients=["team-a", "ci"])
+        client_keys(name="Client keys", clients=["team-a", "ci"], pushed={"ci": digest})
     """
+    pushed = pushed or {}
     present = host.get_fact(FileDigests, path=key_dir)
     have = {name[:-4]: digest for name, (digest, *_owner) in present.items() if name.endswith(".key")}
+    after = {**have, **pushed}  # each key's sha256 once this run's files are in place
     revoked = sorted(set(have) - set(clients))
-    missing = [name for name in clients if name not in have]
+    missing = [name for name in clients if name not in after]
     maps = host.get_fact(FileDigests, path=str(Path(map_path).parent))
-    expected = "".join(f"{have[name]} {name}\n" for name in clients if name in have)
+    expected = "".join(f"{after[name]} {name}\n" for name in clients if name in after)
     current = maps.get(Path(map_path).name, (None,))[0]
     if not revoked and not missing and current == hashlib.sha256(expected.encode()).hexdigest():
         host.noop(f"{len(clients)} client keys and their map are in place")
         return
-    yield f"mkdir -p {shlex.quote(key_dir)} && chmod 700 {shlex.quote(key_dir)}"
     for name in revoked:
         yield f"rm -f {shlex.quote(f'{key_dir}/{name}.key')}"
     for name in missing:
@@ -268,12 +272,18 @@ def gateway(settings: HostSettings) -> None:
     files.directory(name=f"Directory {HELPER_DIR}", path=HELPER_DIR, user="root", group="root",
                     mode="755")
     base.helpers()
-    files.directory(name=f"Directory {STATE_DIR}", path=STATE_DIR, user="root", group="root",
-                    mode="700")
-    keys = client_keys(name="Client keys", clients=list(spec.clients))
+    for path in (STATE_DIR, CLIENT_KEYS):
+        files.directory(name=f"Directory {path}", path=path, user="root", group="root", mode="700")
+    # Pushed keys travel as file contents only, without a newline: the map hashes the file.
+    pushed = {name: Path(path).read_text().strip() for name, path in spec.client_key_files}
+    changed = [files.put(name=f"Client key {name} (pushed)", src=StringIO(key),
+                         dest=f"{CLIENT_KEYS}/{name}.key", user="root", group="root", mode="600")
+               for name, key in pushed.items()]
+    keys = client_keys(name="Client keys", clients=list(spec.clients), pushed={
+        name: hashlib.sha256(key.encode()).hexdigest() for name, key in pushed.items()})
     backend_keys = files.put(name="Backend keys", src=StringIO(backend_keys_map(fleet_backends)),
                              dest=BACKEND_KEYS_MAP, user="root", group="root", mode="600")
-    changed = [packages, keys, backend_keys]
+    changed += [packages, keys, backend_keys]
     if spec.tls_cert_file:
         changed.append(files.put(name="TLS certificate", src=spec.tls_cert_file, dest=TLS_PEM,
                                  user="root", group="root", mode="600"))

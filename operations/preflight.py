@@ -48,6 +48,11 @@ def controller_problems(settings: HostSettings) -> list[str]:
             need(service.model.mmproj, f"{prefix}.model.mmproj", "the projector file to push")
         need(service.api_key_file, f"{prefix}.api_key_file", "a file holding the API key")
         need(service.model.token_file, f"{prefix}.model.token_file", "a file holding the HF token")
+    if settings.gateway:
+        for name, path in settings.gateway.client_key_files:
+            need(path, f"llm_gateway.client_key_files.{name}", "a file holding the client's key")
+        need(settings.gateway.tls_cert_file, "llm_gateway.tls_cert_file",
+             "a PEM file with the certificate and its key")
     return problems
 
 

@@ -330,6 +330,11 @@ def _client_names(v: Any) -> bool:
     return all(isinstance(x, str) and CLIENT_NAME_RE.match(x) for x in v) and len(set(v)) == len(v)
 
 
+def _client_key_files(v: Any) -> bool:
+    return all(isinstance(name, str) and CLIENT_NAME_RE.match(name) and isinstance(path, str)
+               and _abs_path(path) for name, path in v.items())
+
+
 @dataclass(frozen=True)
 class GatewaySpec:
     """A gateway (llm_gateway): HAProxy in front of every service of the inventory, one
@@ -342,6 +347,11 @@ class GatewaySpec:
                                        allowed="a list of distinct names of lowercase letters, "
                                                "digits and '-'", check=_client_names,
                                        convert=tuple)
+    client_key_files: tuple[tuple[str, str], ...] = setting(
+        (), "keys pushed instead of generated: client name -> controller path of a file holding "
+            "its key (the name must be in clients)", types=(dict,),
+        allowed="a mapping of client name to an absolute path", check=_client_key_files,
+        convert=lambda v: tuple(sorted(dict(v).items())))
     port: int = setting(8080, "port of the API (/v1/..., /health); every request but /health "
                               "needs a client key", types=(int,),
                         allowed="an integer from 1 to 65535", check=_port)
@@ -657,6 +667,10 @@ def _load_gateway(host_name: str, raw: Any, problems: list[str]) -> GatewaySpec 
     if not values["clients"]:
         problems.append(f"{where}.clients: found none, expected at least one client name (each "
                         f"gets a key; the gateway serves no one without a key)")
+    unknown = sorted(set(values["client_key_files"] or ()) - set(values["clients"] or ()))
+    if unknown:
+        problems.append(f"{where}.client_key_files: found {', '.join(unknown)}, expected names of "
+                        f"clients (a key for a client not listed would be revoked at once)")
     if values["metrics_port"] == values["port"]:
         problems.append(f"{where}.metrics_port: found {values['metrics_port']}, the API's port, "
                         f"expected a port of its own")

@@ -61,6 +61,8 @@ def gateway_spec(**values):
     ({"clients": ["a"], "port": 8405}, "host gw: llm_gateway.metrics_port: found 8405, the API's port"),
     ({"clients": ["a"], "api_key": "x"}, "host gw: llm_gateway.api_key: found an unknown setting"),
     ({"clients": ["a"], "tls_cert_file": "cert.pem"}, "host gw: llm_gateway.tls_cert_file: found 'cert.pem', expected an absolute path"),
+    ({"clients": ["a"], "client_key_files": {"b": "/k/b.key"}}, "host gw: llm_gateway.client_key_files: found b, expected names of clients"),
+    ({"clients": ["a"], "client_key_files": {"a": "k/a.key"}}, "host gw: llm_gateway.client_key_files: found {'a': 'k/a.key'}, expected a mapping of client name to an absolute path"),
 ])
 def test_gateway_settings_are_refused_with_the_line_that_says_why(raw, found):
     with pytest.raises(SettingsError) as error:
@@ -131,10 +133,26 @@ def test_client_keys_in_place_are_a_noop():
 def test_a_new_client_gets_a_key_a_removed_one_is_revoked_and_the_map_is_rewritten():
     fake = FakeHost({gateway.CLIENT_KEYS: {"old.key": ("e" * 64, "root", "root", "640")}})
     commands = run_op(gateway.client_keys, fake, clients=["team-a"])
-    assert commands[1] == f"rm -f {gateway.CLIENT_KEYS}/old.key"
-    assert "head -c 32 /dev/urandom" in commands[2] and commands[2].endswith(f"{gateway.CLIENT_KEYS}/team-a.key")
+    assert commands[0] == f"rm -f {gateway.CLIENT_KEYS}/old.key"
+    assert "head -c 32 /dev/urandom" in commands[1] and commands[1].endswith(f"{gateway.CLIENT_KEYS}/team-a.key")
     assert commands[-1].startswith("umask 077 && for n in team-a; do") and "sha256sum <" in commands[-1]
     assert commands[-1].endswith(f"mv {gateway.CLIENTS_MAP}.tmp {gateway.CLIENTS_MAP}")
+    assert len(commands) == 3
+
+
+def test_a_pushed_key_is_never_generated_and_a_new_one_rewrites_the_map():
+    old, new = "1" * 64, "2" * 64
+    map_text = f"{old} ci\n"
+    state = {gateway.CLIENT_KEYS: {"ci.key": (old, "root", "root", "600")},
+             gateway.STATE_DIR: {"clients.map": (hashlib.sha256(map_text.encode()).hexdigest(),
+                                                 "root", "root", "600")}}
+    assert run_op(gateway.client_keys, FakeHost(state), clients=["ci"], pushed={"ci": old}) == []
+    # The pushed key changed (its file is put before this runs): only the map is written again.
+    commands = run_op(gateway.client_keys, FakeHost(state), clients=["ci"], pushed={"ci": new})
+    assert len(commands) == 1 and commands[0].startswith("umask 077 && for n in ci; do")
+    # A fresh gateway: the pushed key is not generated (its file comes from the deploy).
+    commands = run_op(gateway.client_keys, FakeHost({}), clients=["ci"], pushed={"ci": new})
+    assert len(commands) == 1 and "urandom" not in commands[0]
 
 
 def test_the_config_is_installed_only_through_haproxy_check():
@@ -419,3 +437,15 @@ def test_the_gateway_bench_measures_through_it_and_the_report_shows_it(running_g
     section = "\n".join(bench_report.gateway_section("gw", result, {"gw": {"services": []}}))
     assert "## Through the gateway gw" in section and "### translate (2 servers, 2 slots)" in section
     assert "Its servers were not measured on their hosts in this run" in section
+
+
+def test_a_pushed_client_key_the_controller_lacks_is_named_before_anything_runs(tmp_path):
+    from llmhost.preflight import controller_problems
+
+    settings = load_host_settings("gw", {"llm_gateway": {
+        "clients": ["ci"], "client_key_files": {"ci": str(tmp_path / "ci.key")}}})
+    assert controller_problems(settings) == [
+        f"host gw: llm_gateway.client_key_files.ci: found '{tmp_path}/ci.key', which does not "
+        f"exist or is not readable on the controller; expected a file holding the client's key"]
+    (tmp_path / "ci.key").write_text("sk-ci\n")
+    assert controller_problems(settings) == []
