@@ -23,6 +23,7 @@ import json
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -66,29 +67,35 @@ def read_manifest(host: InventoryHost, config_dir: str) -> Manifest:
         raise RuntimeError(f"{path}: {error}") from None
 
 
+@contextmanager
+def uploaded(host: InventoryHost, helper: Path):
+    """A private folder on the host holding ``helper``; removed afterwards, pass or fail."""
+    ok, tmp, err = host.run("mktemp -d /tmp/llmhost-bench.XXXXXX")
+    if not ok:
+        raise RuntimeError(f"mktemp failed: {err}")
+    tmp = tmp.strip()
+    try:
+        if not host.put(str(helper), f"{tmp}/{helper.name}"):
+            raise RuntimeError(f"upload of {helper.name} to {tmp} failed")
+        yield tmp
+    finally:
+        host.run(f"rm -rf {shlex.quote(tmp)}")
+
+
 def bench_gateway(host: InventoryHost, args: argparse.Namespace) -> dict:
     """Decode through a gateway host's own address, measured there (files/bench_gateway.py):
     {"services": [], "gateway": result, "error": None}."""
-    with host:
-        ok, tmp, err = host.run("mktemp -d /tmp/llmhost-bench.XXXXXX")
-        if not ok:
-            raise RuntimeError(f"mktemp failed: {err}")
-        tmp = tmp.strip()
-        try:
-            if not host.put(str(GATEWAY_HELPER), f"{tmp}/bench_gateway.py"):
-                raise RuntimeError(f"upload of {GATEWAY_HELPER.name} to {tmp} failed")
-            say(f"[{host.name}] gateway: decode through it (bench_gateway.py on the host)")
-            command = " ".join(map(shlex.quote, [
-                "python3", f"{tmp}/bench_gateway.py", "--record", GATEWAY_RECORD, "--out",
-                f"{tmp}/gateway.json", "--decode-tokens", str(args.decode_tokens),
-                "--rounds", str(args.rounds), "--parallel", *map(str, args.parallel)]))
-            ok, stdout, stderr = host.run(command, print_output=True, timeout=int(args.time_budget) + 300)
-            buffer = io.BytesIO()
-            if not ok or not host.get(f"{tmp}/gateway.json", buffer):
-                tail = (stderr or stdout).strip().splitlines()[-5:]
-                raise RuntimeError(f"bench_gateway.py failed: {' / '.join(tail)}")
-        finally:
-            host.run(f"rm -rf {shlex.quote(tmp)}")
+    with host, uploaded(host, GATEWAY_HELPER) as tmp:
+        say(f"[{host.name}] gateway: decode through it (bench_gateway.py on the host)")
+        command = " ".join(map(shlex.quote, [
+            "python3", f"{tmp}/bench_gateway.py", "--record", GATEWAY_RECORD, "--out",
+            f"{tmp}/gateway.json", "--decode-tokens", str(args.decode_tokens),
+            "--rounds", str(args.rounds), "--parallel", *map(str, args.parallel)]))
+        ok, stdout, stderr = host.run(command, print_output=True, timeout=int(args.time_budget) + 300)
+        buffer = io.BytesIO()
+        if not ok or not host.get(f"{tmp}/gateway.json", buffer):
+            tail = (stderr or stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"bench_gateway.py failed: {' / '.join(tail)}")
     return {"services": [], "gateway": json.loads(buffer.getvalue().decode()), "error": None}
 
 
@@ -108,13 +115,7 @@ def bench_host(host: InventoryHost, args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"service(s) {', '.join(missing)} not deployed here; the manifest "
                                    f"lists {', '.join(names) or 'none'}")
             names = [n for n in names if n in args.service]
-        ok, tmp, err = host.run("mktemp -d /tmp/llmhost-bench.XXXXXX")
-        if not ok:
-            raise RuntimeError(f"mktemp failed: {err}")
-        tmp = tmp.strip()
-        try:
-            if not host.put(str(HELPER), f"{tmp}/bench_service.py"):
-                raise RuntimeError(f"upload of {HELPER.name} to {tmp} failed")
+        with uploaded(host, HELPER) as tmp:
             for name in names:
                 say(f"[{host.name}] {name}: benchmarking (bench_service.py on the host)")
                 out = f"{tmp}/{name}.json"
@@ -135,8 +136,6 @@ def bench_host(host: InventoryHost, args: argparse.Namespace) -> dict:
                 result = json.loads(buffer.getvalue().decode())
                 result["inventory_host"] = host.name
                 entry["services"].append(result)
-        finally:
-            host.run(f"rm -rf {shlex.quote(tmp)}")
     entry["services"] = [s for s in entry["services"] if s]
     return entry
 
