@@ -32,7 +32,7 @@ from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, opera
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, systemd
 
-from llmhost import base, data_dir, remote, services
+from llmhost import base, data_dir, preflight, remote, services
 from llmhost.facts import FileDigests
 from llmhost.remote import HELPER_DIR
 from llmhost.settings import GATEWAY_ALIAS_RE, GatewaySpec, HostSettings, SettingsError, \
@@ -338,9 +338,8 @@ def drain_steps(settings: HostSettings, service) -> tuple[list[FunctionCommand],
             logger.warning(f"[{host.name}] gateway {gw.name} is not in this run: {server} is not "
                            f"drained there before {service.unit_name} restarts")
             continue
-        spec = gw.data.get("llm_gateway") or {}
-        timeout = int(spec.get("drain_timeout", GatewaySpec.drain_timeout))
-        interval = int(spec.get("check_interval", GatewaySpec.check_interval))
+        spec = preflight.inventory_settings()[gw.name].gateway  # validated, defaults filled
+        timeout, interval = spec.drain_timeout, spec.check_interval
         before.append(FunctionCommand(_drain, (gw.name, model, backend, server, timeout,
                                                 settings.max_unavailable), {}))
         after.append(FunctionCommand(_ready, (gw.name, model, backend, server,
