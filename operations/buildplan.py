@@ -52,6 +52,9 @@ class Build:
     nvcc: str | None = None
     archs: tuple[str, ...] = ()                  # CUDA archs compiled; () for a CPU build
     fa_pairs: tuple[tuple[str, str], ...] = ()   # flash-attention (K, V) pairs compiled
+    # GPUs of the host it is built for: what a GPU service without `gpus` offloads to (not
+    # part of the build's key: the same build serves any number of GPUs of its archs).
+    gpu_count: int = 0
 
     @property
     def server_binary(self) -> str:
@@ -74,7 +77,8 @@ def cmake_flags(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> 
 
 def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
                expected_system_info: tuple[str, ...] = (), nvcc: str | None = None,
-               archs: tuple[str, ...] = (), fa_pairs: tuple[tuple[str, str], ...] = ()) -> Build:
+               archs: tuple[str, ...] = (), fa_pairs: tuple[tuple[str, str], ...] = (),
+               gpu_count: int = 0) -> Build:
     flags = cmake_flags(settings, backend_flags)
     key = hashlib.sha256("\n".join(flags + TARGETS).encode()).hexdigest()[:8]
     base = settings.install_dir
@@ -86,6 +90,7 @@ def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
         nvcc=nvcc,
         archs=archs,
         fa_pairs=fa_pairs,
+        gpu_count=gpu_count,
     )
 
 
@@ -104,7 +109,7 @@ def plan_for_host(settings: HostSettings, facts: GpuFacts) -> Build:
         expected.append("BLACKWELL_NATIVE_FP4=1")
     return plan_build(settings, tuple(cuda_cmake_flags(toolkit.path, archs, settings.fa_pairs)),
                       tuple(expected), toolkit.path, tuple(archs),
-                      compiled_fa_pairs(settings.fa_pairs))
+                      compiled_fa_pairs(settings.fa_pairs), gpu_count=len(facts.gpus))
 
 # ---------------------------------------------------------------------------------------------
 # CUDA archs, flash-attention pairs, the toolkit

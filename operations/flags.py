@@ -15,18 +15,29 @@ from llmhost.settings import ServiceSpec
 
 @dataclass(frozen=True)
 class ServerPaths:
-    """Where the service's inputs live on the host."""
+    """Where the service's inputs live on the host, and the GPUs it sees."""
 
     binary: str
     model: str
     mmproj: str | None = None
     api_key_file: str | None = None
+    # GPUs visible to the process (its `gpus`, else all of the host's); 0 for a CPU service.
+    visible_gpus: int = 0
+
+
+def cuda_devices(count: int) -> str:
+    """--device for a GPU service: every visible GPU by llama.cpp's name (CUDA0, CUDA1, ... as
+    CUDA_VISIBLE_DEVICES renumbers them). Naming them makes a start without them an error
+    ("invalid device"), where -ngl alone would warn and serve from the CPU."""
+    return ",".join(f"CUDA{i}" for i in range(count))
 
 
 def server_argv(service: ServiceSpec, paths: ServerPaths) -> list[str]:
     argv = [paths.binary, "--model", paths.model]
     if paths.mmproj:
         argv += ["--mmproj", paths.mmproj]
+    if service.uses_gpu:
+        argv += ["--device", cuda_devices(paths.visible_gpus)]
     argv += [
         "--n-gpu-layers", str(service.gpu_layers),
         "--ctx-size", str(service.ctx_size),

@@ -37,6 +37,11 @@ def key_path(settings: HostSettings, service: ServiceSpec) -> str | None:
 # A oneshot unit that makes sure /dev/nvidia-uvm exists before any GPU service starts: the
 # services themselves have no privilege to load the module or make the node.
 UVM_UNIT = "llmhost-nvidia-uvm.service"
+# GPU units also run it as root before every start (ExecStartPre=+): the oneshot above does not
+# run again while it is active, and a node removed later would leave a restart on the CPU. Its
+# mknod needs "m" in the unit's device policy for that group.
+UVM_HELPER = f"{remote.HELPER_DIR}/nvidia_uvm.py"
+UVM_GROUP, UVM_ACCESS = "char-nvidia-uvm", "rwm"
 # Loaded at boot on GPU hosts (the uvm unit covers a module that still is not there).
 MODULES_LOAD_PATH = "/etc/modules-load.d/llmhost-nvidia.conf"
 MODULES_LOAD_TEXT = "# Written by llmhost: CUDA services need both at boot.\nnvidia\nnvidia_uvm\n"
@@ -57,20 +62,25 @@ def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, mode
         model_name=model.model_path.rsplit("/", 1)[-1],
         model_fingerprint=model.fingerprint,
         cuda_visible_devices=",".join(map(str, service.gpus)) if service.gpus is not None else None,
-        device_allow=device_allow if service.uses_gpu else (),
+        device_allow=[(group, UVM_ACCESS if group == UVM_GROUP else "rw") for group in device_allow]
+        if service.uses_gpu else [],
         loopback=ipaddress.ip_address(service.host).is_loopback,
         uvm_unit=UVM_UNIT,
+        uvm_helper=UVM_HELPER,
     )
 
 
 def render_uvm_unit() -> str:
-    return _templates().get_template("llmhost-nvidia-uvm.service.j2").render(
-        helper=f"{remote.HELPER_DIR}/nvidia_uvm.py")
+    return _templates().get_template("llmhost-nvidia-uvm.service.j2").render(helper=UVM_HELPER)
 
 
 def unit_paths(settings: HostSettings, service: ServiceSpec, build: Build, model: PlacedModel) -> ServerPaths:
+    visible = 0
+    if service.uses_gpu:
+        visible = len(service.gpus) if service.gpus is not None else build.gpu_count
     return ServerPaths(binary=build.server_binary, model=model.model_path,
-                       mmproj=model.mmproj_path, api_key_file=key_path(settings, service))
+                       mmproj=model.mmproj_path, api_key_file=key_path(settings, service),
+                       visible_gpus=visible)
 
 
 def _templates() -> jinja2.Environment:

@@ -285,9 +285,12 @@ class ServiceSpec:
     alias: str | None = setting(None, "--alias: model name reported by the API", types=(str,),
                                 owns=("-a", "--alias"))
     gpus: tuple[int, ...] | None = setting(None, "GPU indexes the service may use "
-                                                 "(CUDA_VISIBLE_DEVICES)", types=(list,),
+                                                 "(CUDA_VISIBLE_DEVICES; --device names each, so "
+                                                 "it exits rather than serve without them); "
+                                                 "unset: all of the host's", types=(list,),
                                            allowed="a list of non-negative integers",
-                                           check=_gpu_indexes, convert=tuple)
+                                           check=_gpu_indexes, convert=tuple,
+                                           owns=("-dev", "--device"))
     api_key_file: str | None = setting(None, "controller path of a file holding this service's "
                                              "API key; unset: generated on the host", types=(str,),
                                        allowed="an absolute path", check=_abs_path,

@@ -9,7 +9,7 @@ from llmhost import flags, gpu
 from llmhost.flags import ServerPaths, server_argv, systemd_exec_line
 from llmhost.buildplan import plan_build
 from llmhost.manifest import Manifest
-from llmhost.services import render_unit
+from llmhost.services import render_unit, unit_paths
 from llmhost.settings import load_host_settings
 from llmhost.weights import ModelFileSpec, PlacedModel
 
@@ -161,6 +161,35 @@ def test_rendered_units_are_hardened_and_keep_secrets_out():
     assert "PrivateDevices=no" in gpu_unit and "DevicePolicy=closed" in gpu_unit
     assert "Requires=llmhost-nvidia-uvm.service" in gpu_unit
     assert "After=llmhost-nvidia-uvm.service" in gpu_unit
+    # Every start of a GPU unit makes its uvm node first, as root (the oneshot runs at boot only),
+    # and only the uvm group may be mknod'ed; the CPU unit needs neither.
+    assert "ExecStartPre=+/usr/bin/python3 /usr/local/lib/llmhost/nvidia_uvm.py" in gpu_unit
+    assert "DeviceAllow=char-nvidia-uvm rwm\n" in gpu_unit
+    assert "DeviceAllow=char-nvidia rw\n" in gpu_unit
+    assert "ExecStartPre=" not in cpu_unit
+    # A filtered system call fails instead of killing the server.
+    for unit in (cpu_unit, gpu_unit):
+        assert "SystemCallErrorNumber=EPERM" in unit
+
+
+def test_a_gpu_service_names_its_devices_so_it_cannot_start_without_them():
+    """-ngl alone warns and serves from the CPU when no GPU is usable; --device makes that an
+    argument error (llama.cpp at the pin: "invalid device"), so systemd restarts it instead."""
+    settings = load_host_settings("h", {"llm_services": {
+        "all": {"port": 1, "model": {"source": "local", "path": "/m.gguf"}, "gpu_layers": 99},
+        "one": {"port": 2, "model": {"source": "local", "path": "/m.gguf"}, "gpu_layers": 99,
+                "gpus": [1]},
+        "pair": {"port": 3, "model": {"source": "local", "path": "/m.gguf"}, "gpu_layers": 99,
+                 "gpus": [0, 1]},
+        "cpu": {"port": 4, "model": {"source": "local", "path": "/m.gguf"}}}})
+    build = plan_build(settings, gpu_count=4)
+    argv = {s.name: option_values(server_argv(s, unit_paths(settings, s, build, placed("/m.gguf"))))
+            for s in settings.services}
+    assert argv["all"]["--device"] == "CUDA0,CUDA1,CUDA2,CUDA3"  # every GPU of the host
+    assert argv["one"]["--device"] == "CUDA0"  # CUDA_VISIBLE_DEVICES=1 renumbers it
+    assert argv["pair"]["--device"] == "CUDA0,CUDA1"
+    assert "--device" not in argv["cpu"]
+    assert "--device" in flags.help_options(HELP)
 
 
 def test_a_gpu_unit_cannot_be_rendered_without_its_device_groups():

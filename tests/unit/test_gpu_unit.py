@@ -38,7 +38,7 @@ def allowed_majors(unit: str, char_devices) -> set[int]:
     """Majors the unit's DeviceAllow= lines open read-write, resolved as systemd does
     (char-<glob> against /proc/devices names)."""
     majors = set()
-    for group in re.findall(r"^DeviceAllow=char-(\S+) rw$", unit, re.M):
+    for group in re.findall(r"^DeviceAllow=char-(\S+) rwm?$", unit, re.M):
         majors |= {major for major, name in char_devices if fnmatch.fnmatchcase(name, group)}
     return majors
 
@@ -59,7 +59,7 @@ def test_rendered_gpu_unit_allows_every_major_cuda_opens_and_names_nothing_else(
     unit = guide_gpu_unit(gpu.cuda_device_allow(char_devices))
     needed = {gpu.NVIDIA_MAJOR} | {major for major, name in char_devices if name in CUDA_GROUPS}
     assert needed <= allowed_majors(unit, char_devices), unit
-    named = set(re.findall(r"^DeviceAllow=char-(\S+) rw$", unit, re.M))
+    named = set(re.findall(r"^DeviceAllow=char-(\S+) rwm?$", unit, re.M))
     assert named <= {name for _, name in char_devices}, f"names the host lacks: {named}"
     # The fabric manager's groups stay closed.
     fabric = {major for major, name in char_devices if "nvswitch" in name or "nvlink" in name
