@@ -557,6 +557,7 @@ def finish(args, name: str, dest: str, partial: str, hasher: Hasher, received: i
         unlink(partial + ".state")
         raise FetchError(f"sha256 mismatch: got {actual}, expected {args.sha256}; the partial "
                          f"file was deleted ({safe_url(args.url)})", EXIT_MISMATCH)
+    os.chmod(partial, 0o644)  # the services' user reads it, whatever this process's umask
     os.replace(partial, dest)
     unlink(partial + ".state")
     write_record(args, dest)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,8 @@ import time
 import urllib.error
 import urllib.request
 
-import gpu_check  # beside this file in the helper folder
+import access_check  # beside this file in the helper folder
+import gpu_check
 
 UNIT_DIR = "/etc/systemd/system"
 STATE_DIR = "/var/lib/llmhost/units"
@@ -115,6 +117,35 @@ def serving(unit: str, url: str, timeout: float, gpu: dict | None) -> tuple[bool
     if not on_gpu:
         return False, f"answers /health after {waited:.1f}s but {why}"
     return True, f"healthy after {waited:.1f}s" + (f", {why}" if why else "")
+
+
+def outside_causes(unit: str, text: str) -> list[str]:
+    """What makes a unit fail that is not in the unit the deploy wrote: files its command names
+    that its user cannot open (a model or key made unreadable under a running server), and
+    drop-ins of the user's that change it. Either would fail a rollback to it as well."""
+    user, words = "root", []
+    for line in text.splitlines():
+        if line.startswith("User="):
+            user = line.split("=", 1)[1].strip()
+        elif line.startswith("ExecStart="):
+            words = shlex.split(line[len("ExecStart="):])
+    causes = []
+    paths = [word for word in words if word.startswith("/")]
+    if paths:
+        unreadable = access_check.as_user(user, paths, binary=paths[0])
+        if unreadable:
+            causes.append(f"user {user} cannot open {'; '.join(unreadable)}")
+    drop_ins = systemctl("show", "-p", "DropInPaths", "--value", unit, check=False).stdout.split()
+    if drop_ins:
+        causes.append(f"drop-ins not written by llmhost change it: {', '.join(drop_ins)}")
+    return causes
+
+
+def say_outside_causes(unit: str, text: str) -> None:
+    causes = outside_causes(unit, text)
+    if causes:
+        log(f"{unit}: the switch failed for a cause outside the unit llmhost writes: "
+            f"{'; '.join(causes)}")
 
 
 def journal_tail(unit: str, since: str, lines: int = 30) -> str:
@@ -213,11 +244,13 @@ def main() -> int:
         state = verdict if ok else f"NOT healthy either: {verdict}"
         log(f"{unit}: ROLLED BACK to the previous unit, which is {state}")
         give_back(replaced, timeout)
+        say_outside_causes(unit, text)
         return 3
     os.unlink(switching)
     if old_text is not None:
         log(f"{unit}: the unit did not change, so there is no other unit to return to")
         give_back(replaced, timeout)
+        say_outside_causes(unit, text)
         return 5
     systemctl("disable", "--now", unit, check=False)
     failed_dir = os.path.join(STATE_DIR, "failed")
@@ -227,8 +260,13 @@ def main() -> int:
     log(f"{unit}: no previous unit to roll back to; stopped and disabled, the failed unit is "
         f"kept in {failed_dir}")
     give_back(replaced, timeout)
+    say_outside_causes(unit, text)
     return 4
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as error:  # one line for the operator, not a traceback
+        log(f"switch_service: {type(error).__name__}: {error}")
+        sys.exit(6)

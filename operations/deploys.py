@@ -109,6 +109,8 @@ def llama_server() -> None:
                                                      group=settings.service_user))
         key_refused = bool(path) and host.get_fact(
             KeyAccepted, url=service.health_url.replace("/health", "/v1/models"), key_file=path) is False
+        # A GPU service (re)started outside the deploy may have found no GPU: repaired here.
+        off_gpu = service.uses_gpu and services.off_its_gpus(service)
         unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
         rendered[service.unit_name] = unit_text
         # Behind gateways: out of them around the switch, llm_max_unavailable hosts at a time.
@@ -118,9 +120,11 @@ def llama_server() -> None:
             name=f"Service {service.unit_name}", unit=service.unit_name, unit_text=unit_text,
             health_url=service.health_url,
             argv_options=services.argv_options(settings, service, build, models[service.name]),
-            timeout=settings.health_timeout, service_name=service.name, on_gpu=service.uses_gpu,
+            timeout=services.health_timeout(settings, models[service.name]),
+            service_name=service.name, on_gpu=service.uses_gpu,
             gpus=list(service.gpus) if service.gpus is not None else None,
-            restart_if=lambda ops=restart_on, refused=key_refused: refused or services.any_changed(ops),
+            restart_if=lambda ops=restart_on, refused=key_refused, off=off_gpu:
+                refused or off or services.any_changed(ops),
             replaces=services.handed_over(service, removed), drain=drain, undrain=undrain,
             **rolling)
     if removed:

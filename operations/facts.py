@@ -9,6 +9,7 @@ import shlex
 from pyinfra.api import FactBase
 
 from llmhost import flags
+from llmhost.remote import HELPER_DIR
 
 
 class JsonFile(FactBase):
@@ -28,9 +29,11 @@ class JsonFile(FactBase):
 
 
 class BuildState(FactBase):
-    """A build's marker and which of the files it recorded are missing or changed (size or
-    mtime): a few dozen stats, so a rerun trusts no deleted or replaced binary. None when the
-    build has no marker (not built, or not verified)."""
+    """A build's marker, which of the files it recorded are missing or changed (size or
+    mtime), and which of them (or the folders above them) others may no longer read and run:
+    a few dozen stats, so a rerun trusts no deleted or replaced binary and the services' user
+    can still start what it names. None when the build has no marker (not built, or not
+    verified)."""
 
     def command(self, build_dir: str) -> str:
         script = ("import json,os,sys; d=sys.argv[1]\n"
@@ -40,8 +43,14 @@ class BuildState(FactBase):
                   "    try: s=os.stat(os.path.join(d,n))\n"
                   "    except OSError: return True\n"
                   "    return [s.st_size,s.st_mtime_ns]!=v\n"
+                  "def closed(p):\n"
+                  "    try: return os.stat(p).st_mode&0o005!=0o005\n"
+                  "    except OSError: return False\n"
+                  "files=r.get('files',{})\n"
+                  "paths=[d,os.path.join(d,'bin')]+[os.path.join(d,n) for n in files]\n"
                   "print(json.dumps({'files':'files' in r,"
-                  "'changed':sorted(n for n,v in r.get('files',{}).items() if bad(n,v))}))")
+                  "'changed':sorted(n for n,v in files.items() if bad(n,v)),"
+                  "'unreadable':[p for p in paths if closed(p)]}))")
         return f"python3 -c {shlex.quote(script)} {shlex.quote(build_dir)}"
 
     def process(self, output):
@@ -50,13 +59,20 @@ class BuildState(FactBase):
 
 class ModelFile(FactBase):
     """Size and mtime of a model file and its record: enough to trust it without hashing it
-    again (a file rewritten in place keeps its size but not its mtime)."""
+    again (a file rewritten in place keeps its size but not its mtime); and whether it and its
+    two folders are still root-owned 0644 / 0755, so the service's user can open it."""
+
+    # The access the services' user needs: the file, its version folder and the one above it.
+    _STAT = ("import os,sys; p=sys.argv[1]; s=os.stat(p); d=os.path.dirname(p)\n"
+             "own=lambda st,m: st.st_uid==0 and st.st_gid==0 and st.st_mode&0o7777==m\n"
+             "ok=own(s,0o644) and own(os.stat(d),0o755) and own(os.stat(os.path.dirname(d)),0o755)\n"
+             "print(s.st_size, s.st_mtime_ns, int(ok))")
 
     def command(self, path: str) -> str:
         q = shlex.quote(path)
         # python3 for the exact st_mtime_ns the helpers record (stat's %.9Y varies by version).
-        return (f"python3 -c 'import os,sys; s=os.stat(sys.argv[1]); print(s.st_size, s.st_mtime_ns)' "
-                f"{q} 2>/dev/null || echo -; cat {shlex.quote(path + '.record.json')} 2>/dev/null || true")
+        return (f"python3 -c {shlex.quote(self._STAT)} {q} 2>/dev/null || echo -; "
+                f"cat {shlex.quote(path + '.record.json')} 2>/dev/null || true")
 
     def process(self, output):
         first = output[0].split() if output else ["-"]
@@ -67,12 +83,13 @@ class ModelFile(FactBase):
             except ValueError:
                 record = None
         if not first[0].isdigit():
-            return {"size": None, "mtime_ns": None, "record": record}
-        return {"size": int(first[0]), "mtime_ns": int(first[1]), "record": record}
+            return {"size": None, "mtime_ns": None, "record": record, "access_ok": None}
+        return {"size": int(first[0]), "mtime_ns": int(first[1]), "record": record,
+                "access_ok": first[2:] == ["1"]}
 
     @staticmethod
     def default():
-        return {"size": None, "mtime_ns": None, "record": None}
+        return {"size": None, "mtime_ns": None, "record": None, "access_ok": None}
 
 
 class UnitState(FactBase):
@@ -155,3 +172,23 @@ class ServerOptions(FactBase):
         if not output or output[0].strip() != "present":
             return None
         return flags.help_options("\n".join(output[1:]))
+
+
+class GpuHeld(FactBase):
+    """Whether a running GPU service holds memory on exactly its GPUs now (files/gpu_check.py):
+    {"ok": bool, "reason": str}. A service started outside the deploy (a reboot, a crash, a
+    restart by hand) may have found no GPU. None when the unit is not active or the helper is
+    not on the host yet (a fresh host): then the unit's own state decides."""
+
+    def command(self, unit: str, gpus: str = "") -> str:
+        helper, q = shlex.quote(f"{HELPER_DIR}/gpu_check.py"), shlex.quote(unit)
+        return (f"if test -f {helper} && systemctl is-active -q {q}; then "
+                f"python3 {helper} --unit {q} --gpus {shlex.quote(gpus)} || true; fi")
+
+    def process(self, output):
+        text = "\n".join(output).strip()
+        try:
+            found = json.loads(text) if text else None
+        except ValueError:
+            return None
+        return {"ok": bool(found["ok"]), "reason": found.get("reason", "")} if found else None

@@ -117,7 +117,11 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
     recorded = host.get_fact(BuildState, build_dir=build_dir)
     label = f"llama.cpp build {os.path.basename(build_dir)}"
     if recorded and recorded["files"] and not recorded["changed"]:
-        host.noop(f"{label} is complete")
+        if recorded.get("unreadable"):
+            # chmod by hand under a running service: its next start would fail as its user.
+            yield f"chmod 755 {' '.join(shlex.quote(p) for p in recorded['unreadable'])}"
+        else:
+            host.noop(f"{label} is complete")
         return
     args = ["--src", source_dir, "--build-dir", build_dir, "--commit", commit,
             "--targets", ",".join(TARGETS), "--jobs", str(jobs), "--ccache-dir", ccache_dir]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import shlex
 from io import StringIO
 from typing import Callable
@@ -18,7 +19,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, systemd
 
 from llmhost import data_dir, remote
-from llmhost.facts import ServerOptions, UnitState
+from llmhost.facts import GpuHeld, ServerOptions, UnitState
 from llmhost.flags import ServerPaths, option_names, server_argv, systemd_exec_line
 from llmhost.buildplan import Build
 from llmhost.settings import HostSettings, ServiceSpec, manifest_path
@@ -68,6 +69,14 @@ def render_unit(settings: HostSettings, service: ServiceSpec, build: Build, mode
         uvm_unit=UVM_UNIT,
         uvm_helper=UVM_HELPER,
     )
+
+
+def health_timeout(settings: HostSettings, model: PlacedModel) -> int:
+    """The health gate's timeout for a service: llm_health_timeout, else 120 s plus 10 s per GB
+    of its model files (read and locked at start; a fixed timeout a bigger model outgrows)."""
+    if settings.health_timeout:
+        return settings.health_timeout
+    return 120 + 10 * math.ceil(sum(f.size for f in model.files) / 1e9)
 
 
 def render_uvm_unit() -> str:
@@ -245,6 +254,18 @@ def health_gated_unit(unit: str, unit_text: str, health_url: str, argv_options: 
                    f"so it takes no gateway traffic until a deploy switches it healthy'; exit $rc; }}")
     yield remote.streamed(switch, f"switch of {unit}", stdin=json.dumps(request))
     yield from undrain or ()
+
+
+def off_its_gpus(service: ServiceSpec) -> bool:
+    """Whether the running GPU service holds its GPUs no longer (or never did): said, and then
+    restarted behind the health gate like any change."""
+    held = host.get_fact(GpuHeld, unit=service.unit_name,
+                         gpus=",".join(map(str, service.gpus or ())))
+    if held is None or held["ok"]:
+        return False
+    host.log_styled(f"{service.unit_name} is running but not on its GPUs ({held['reason']}): "
+                    f"restarting it behind the health gate", fg="yellow")
+    return True
 
 
 def any_changed(op_metas) -> bool:

@@ -444,9 +444,11 @@ class HostSettings:
                                     "or its rollback target uses, newest first, each kind; older "
                                     "ones are removed", types=(int,),
                                  allowed="a non-negative integer", check=_non_negative)
-    health_timeout: int = setting(300, "seconds a restarted service may take to answer /health 200 "
-                                       "before it is rolled back", types=(int,),
-                                  allowed="a positive integer", check=_positive)
+    health_timeout: int | None = setting(None, "seconds a restarted service may take to answer "
+                                               "/health 200 before it is rolled back; unset: 120 "
+                                               "plus 10 per GB of its model files (19 GB: 310)",
+                                         types=(int,), allowed="a positive integer",
+                                         check=_positive)
     services: tuple[ServiceSpec, ...] = setting(None, "the llama-server services of this host, by "
                                                       "name (see the service settings)",
                                                 types=(dict,))

@@ -123,6 +123,32 @@ def is_in_place(spec: ModelFileSpec) -> bool:
     return in_place(spec.dest, spec.sha256, spec.size)
 
 
+def access_repair(dest: str) -> str | None:
+    """The command that gives a verified file and its two folders back root:root 0644 / 0755
+    when they drifted (a chmod by hand): the services' user must open it at its next start,
+    though the running server, which has it mapped, keeps answering. None when in order."""
+    if host.get_fact(ModelFile, path=dest)["access_ok"]:
+        return None
+    return f"{model_folder_command(dest)} && chown root:root {shlex.quote(dest)} && " \
+           f"chmod 644 {shlex.quote(dest)}"
+
+
+def model_folder_command(dest: str) -> str:
+    """The file's folder, and the one above it, root:root 0755 whatever the login's umask."""
+    folder = os.path.dirname(dest)
+    dirs = " ".join(shlex.quote(d) for d in (folder, os.path.dirname(folder)))
+    return f"mkdir -p {shlex.quote(folder)} && chown root:root {dirs} && chmod 755 {dirs}"
+
+
+def _placed(dest: str, sha256: str, size: int):
+    """Commands for a file already in place: nothing, or its access repaired."""
+    repair = access_repair(dest)
+    if repair:
+        yield repair
+    else:
+        host.noop(f"{dest} is in place and verified")
+
+
 @operation()
 def pushed_file(src: str, dest: str, sha256: str, size: int):
     """A controller file on the host: uploaded beside ``dest``, its sha256 checked there, then
@@ -142,10 +168,10 @@ def pushed_file(src: str, dest: str, sha256: str, size: int):
                     sha256="a5fd3b...", size=253113024)
     """
     if in_place(dest, sha256, size):
-        host.noop(f"{dest} is in place and verified")
+        yield from _placed(dest, sha256, size)
         return
     staged = dest + ".partial"
-    yield f"mkdir -p {shlex.quote(os.path.dirname(dest))}"
+    yield model_folder_command(dest)
     yield FileUploadCommand(src, staged)
     yield remote.helper_command(
         "place_model.py", "--staged", staged, "--dest", dest, "--sha256", sha256,
@@ -176,14 +202,14 @@ def downloaded_file(url: str, dest: str, sha256: str, size: int, record: dict, c
                         size=1894532128, record={"commit": "<sha>"}, connections=8)
     """
     if in_place(dest, sha256, size):
-        host.noop(f"{dest} is in place and verified")
+        yield from _placed(dest, sha256, size)
         return
     token = hf.token_from(token_file)
     args = ["--url", url, "--dest", dest, "--sha256", sha256, "--size", str(size),
             "--record-json", json.dumps(record), "--connections", str(connections)]
     if token:
         args.append("--token-stdin")
-    yield f"mkdir -p {shlex.quote(os.path.dirname(dest))}"
+    yield model_folder_command(dest)
     yield remote.streamed(remote.helper_command("fetch_model.py", *args),
                           f"download of {os.path.basename(dest)}",
                           stdin=token + "\n" if token else None)

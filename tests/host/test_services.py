@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shlex
 
 import pytest
 
 from llmhost.hostcheck import each, http, main_pid
+from llmhost.remote import HELPER_DIR
 
 
 def test_unit_enabled_and_active(host, services):
@@ -96,6 +98,22 @@ def test_unit_serves_the_manifest_model_and_build(host, manifest, services):
             return f"runs {argv[0]}, expected {manifest.llama_cpp.server}"
         if s.model_path not in argv:
             return f"argv does not name {s.model_path}"
+    each(services, check)
+
+
+def test_the_service_user_can_open_every_file_it_needs(host, manifest, services):
+    """Every file the service's command names (binary, model, projector, key) and the build's
+    libraries, opened as the service's user: a running server keeps what it has mapped, so a
+    file made unreadable under it shows only when it next starts, and fails that start."""
+    helper = f"{HELPER_DIR}/access_check.py"
+
+    def check(s):
+        paths = [arg for arg in s.argv if arg.startswith("/")]
+        result = host.run(shlex.join(["python3", helper, "--user", manifest.service_user,
+                                      "--libraries-of", s.argv[0], *paths]))
+        if result.rc:
+            lines = (result.stdout + result.stderr).strip().replace("\n", "; ")
+            return f"user {manifest.service_user} cannot open what the service needs: {lines}"
     each(services, check)
 
 

@@ -55,6 +55,13 @@ def test_a_build_with_a_replaced_binary_is_built_again_relinking_it():
     assert "--remove=bin/llama-server" in commands[1]
 
 
+def test_a_complete_build_its_user_cannot_run_gets_its_modes_back_not_a_rebuild():
+    commands, fake, build = build_commands({"files": True, "changed": [], "unreadable": [
+        "/opt/llama.cpp/builds/x/bin", "/opt/llama.cpp/builds/x/bin/llama-server"]})
+    assert commands == ["chmod 755 /opt/llama.cpp/builds/x/bin /opt/llama.cpp/builds/x/bin/llama-server"]
+    assert fake.noops == []
+
+
 def test_a_build_never_verified_is_built():
     commands, _, _ = build_commands(None)
     assert len(commands) == 1 and "--remove" not in commands[0]
@@ -74,11 +81,18 @@ def test_build_state_names_deleted_and_replaced_files(tmp_path):
     record = {n: [10, os.stat(tmp_path / n).st_mtime_ns] for n in
               ("bin/llama-server", "bin/llama-bench", "bin/libggml.so")}
     (tmp_path / ".llmhost-build.json").write_text(json.dumps({"commit": "c", "files": record}))
-    assert run_fact(BuildState, build_dir=str(tmp_path)) == {"files": True, "changed": []}
+    for path in (tmp_path, tmp_path / "bin", *(tmp_path / "bin").iterdir()):
+        path.chmod(0o755)
+    assert run_fact(BuildState, build_dir=str(tmp_path)) == {"files": True, "changed": [],
+                                                            "unreadable": []}
+    (tmp_path / "bin" / "llama-server").chmod(0o700)
+    assert run_fact(BuildState, build_dir=str(tmp_path))["unreadable"] == [
+        str(tmp_path / "bin" / "llama-server")]
+    (tmp_path / "bin" / "llama-server").chmod(0o755)
     (tmp_path / "bin" / "llama-bench").unlink()
     (tmp_path / "bin" / "libggml.so").write_bytes(b"y" * 11)
     assert run_fact(BuildState, build_dir=str(tmp_path)) == {
-        "files": True, "changed": ["bin/libggml.so", "bin/llama-bench"]}
+        "files": True, "changed": ["bin/libggml.so", "bin/llama-bench"], "unreadable": []}
     assert run_fact(BuildState, build_dir=str(tmp_path / "none")) is None
 
 
@@ -176,9 +190,10 @@ def test_a_present_source_is_a_noop():
     assert commands == [] and fake.noops == ["llama.cpp source 0c1e57098bba is present"]
 
 
-def model_fact(size=None, mtime=None, record=None):
+def model_fact(size=None, mtime=None, record=None, access_ok=True):
     from llmhost.facts import ModelFile
-    return {ModelFile: {"size": size, "mtime_ns": mtime, "record": record}}
+    return {ModelFile: {"size": size, "mtime_ns": mtime, "record": record,
+                        "access_ok": access_ok if size is not None else None}}
 
 
 DEST = "/var/lib/llama-models/o--r/abc123abc123/m.gguf"
@@ -197,6 +212,42 @@ def test_a_verified_model_file_is_a_noop_and_a_rewritten_one_is_not():
         assert list(weights.pushed_file._inner(src="/m.gguf", dest=DEST, sha256="s" * 64, size=10))
 
 
+def test_a_verified_model_file_the_service_cannot_open_gets_its_access_back_not_a_download():
+    from llmhost import weights
+
+    unreadable = model_fact(10, 5, {"sha256": "s" * 64, "mtime_ns": 5}, access_ok=False)
+    for operation, kwargs in ((weights.pushed_file, {"src": "/m.gguf"}),
+                              (weights.downloaded_file, {"url": "https://hub/m.gguf", "record": {},
+                                                         "connections": 1})):
+        fake = FakeHost(unreadable)
+        with ctx_host.use(fake):
+            commands = list(operation._inner(dest=DEST, sha256="s" * 64, size=10, **kwargs))
+        assert commands == [weights.model_folder_command(DEST) + f" && chown root:root {DEST} && "
+                                                                 f"chmod 644 {DEST}"]
+        assert fake.noops == []
+
+
+def test_the_model_file_fact_reads_owner_and_mode_of_the_file_and_its_folders(tmp_path):
+    from llmhost.facts import ModelFile
+
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root: the files must be root-owned")
+    version = tmp_path / "o--r" / "abc"
+    version.mkdir(parents=True)
+    model = version / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    for path, mode in ((model, 0o644), (version, 0o755), (version.parent, 0o755)):
+        path.chmod(mode)
+    assert run_fact(ModelFile, path=str(model))["access_ok"] is True
+    model.chmod(0o600)
+    assert run_fact(ModelFile, path=str(model))["access_ok"] is False
+    model.chmod(0o644)
+    version.parent.chmod(0o700)
+    assert run_fact(ModelFile, path=str(model))["access_ok"] is False
+    assert run_fact(ModelFile, path=str(tmp_path / "none.gguf"))["size"] is None
+
+
 def test_a_pushed_file_is_staged_verified_and_moved_by_the_helper():
     from pyinfra.api import FileUploadCommand
 
@@ -205,7 +256,9 @@ def test_a_pushed_file_is_staged_verified_and_moved_by_the_helper():
     with ctx_host.use(FakeHost(model_fact())):
         mkdir, upload, place = weights.pushed_file._inner(src="/m.gguf", dest=DEST, sha256="s" * 64,
                                                           size=10)
-    assert mkdir == "mkdir -p /var/lib/llama-models/o--r/abc123abc123"
+    assert mkdir == ("mkdir -p /var/lib/llama-models/o--r/abc123abc123 && chown root:root "
+                     "/var/lib/llama-models/o--r/abc123abc123 /var/lib/llama-models/o--r && chmod 755 "
+                     "/var/lib/llama-models/o--r/abc123abc123 /var/lib/llama-models/o--r")
     assert isinstance(upload, FileUploadCommand) and upload.dest == DEST + ".partial"
     assert place.startswith(f"python3 /usr/local/lib/llmhost/place_model.py --staged {DEST}.partial "
                             f"--dest {DEST} --sha256 {'s' * 64} --size 10")
