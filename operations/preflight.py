@@ -25,7 +25,8 @@ from llmhost.settings import HostSettings, SettingsError, load_inventory_setting
 # few FA pairs ~2 GB), with headroom.
 BUILD_BYTES = {False: 2 << 30, True: 6 << 30}
 
-_validated: dict[int, dict[str, HostSettings]] = {}
+# Each run's validated settings live on its pyinfra State (one per run; tests make many).
+_SETTINGS_ATTR = "_llmhost_settings"
 
 
 def controller_problems(settings: HostSettings) -> list[str]:
@@ -60,8 +61,8 @@ def inventory_settings() -> dict[str, HostSettings]:
     """Validate every host this run touches once per run, before the first operation: the
     hosts pyinfra connected to within --limit (an unreachable host or one outside the limit is
     neither validated nor resolved)."""
-    key = id(state)
-    if key not in _validated:
+    settings = getattr(state, _SETTINGS_ATTR, None)
+    if settings is None:
         active = set(state.inventory.get_active_hosts())
         hosts = {h.name: h.data.dict() for h in state.inventory if h in active}
         settings = load_inventory_settings(hosts)
@@ -69,8 +70,8 @@ def inventory_settings() -> dict[str, HostSettings]:
         problems += manifest_problems(settings)
         if problems:
             raise SettingsError(problems)
-        _validated[key] = settings
-    return _validated[key]
+        setattr(state, _SETTINGS_ATTR, settings)
+    return settings
 
 
 def manifest_problems(settings: dict[str, HostSettings]) -> list[str]:
