@@ -59,9 +59,12 @@ REHEARSAL = os.environ.get("LLMHOST_GPU_REHEARSAL") == "1"
 # Wheels of what the GPU machine's Python 3.12 lacks (pyinfra and testinfra with their needs);
 # what it has (click, jinja2, requests, pytest, packaging, ...) is used as it is there.
 WHEELS = ("pyinfra==3.10.0", "pytest-testinfra==10.2.2")
+# benchmarks/gpu_realsize.py writes its models there with llama.cpp's GGUF library (pure Python;
+# numpy, pyyaml and tqdm are on the machine).
+REALSIZE_WHEELS = ("gguf==0.17.1",)
 ON_DEVICE = {"click", "jinja2", "markupsafe", "python_dateutil", "six", "packaging", "requests",
              "urllib3", "idna", "certifi", "charset_normalizer", "pytest", "pluggy", "iniconfig",
-             "pygments", "typing_extensions", "setuptools"}
+             "pygments", "typing_extensions", "setuptools", "numpy", "pyyaml", "tqdm", "requests"}
 SANDBOX = "gpuhost"
 # As on cloud GPU images: an ordinary login user with passwordless sudo, root's login refused.
 LOGIN_USER = os.environ.get("LLMHOST_GPU_LOGIN_USER", "ops")
@@ -116,11 +119,13 @@ def pack(args) -> int:
     llamacpp = staging / "llama.cpp.tar.gz"
     _trimmed_source(cache.llamacpp_repo(), llamacpp)
     wheels = staging / "wheels.tar"
-    _wheels(wheels)
-    model = cache.gemma_model()
+    _wheels(wheels, WHEELS + (REALSIZE_WHEELS if args.realsize else ()))
+    # The real-size phases make their models there (gpu_realsize.py): no model travels.
+    carried = (wheels, llamacpp, rootfs) if args.realsize else (wheels, llamacpp, rootfs,
+                                                                cache.gemma_model())
 
     manifest = {"model_sha256": cache.MODEL_SHA256, "artifacts": []}
-    for path in (wheels, llamacpp, rootfs, model):
+    for path in carried:
         manifest["artifacts"].append(_split(path, pieces))
     (CARRY / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(staging)
@@ -169,12 +174,13 @@ def _trimmed_source(repo: Path, target: Path) -> None:
     print(f"pack: llama.cpp {target.stat().st_size / 2**20:.1f} MiB")
 
 
-def _wheels(target: Path) -> None:
+def _wheels(target: Path, requirements: tuple[str, ...] = WHEELS) -> None:
     with tempfile_dir() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
                         "--python-version", "3.12", "--implementation", "cp",
                         *[a for n in (39, 34, 28, 17) for a in ("--platform", f"manylinux_2_{n}_x86_64")],
-                        "--platform", "manylinux2014_x86_64", "-d", str(tmp), *WHEELS], check=True)
+                        "--platform", "manylinux2014_x86_64", "-d", str(tmp), *requirements],
+                       check=True)
         kept = [w for w in sorted(tmp.glob("*.whl"))
                 if w.name.split("-")[0].lower() not in ON_DEVICE]
         with tarfile.open(target, "w") as tar:
@@ -888,6 +894,8 @@ def main() -> int:
                                  "gateway", "shell"])
     parser.add_argument("--command", default="true", help="shell: what to run inside the host")
     parser.add_argument("--wheel-only", action="store_true", help="pack: rebuild the llmhost wheel only")
+    parser.add_argument("--realsize", action="store_true",
+                        help="pack: for benchmarks/gpu_realsize.py (the gguf wheel, no model)")
     parser.add_argument("--blocks", type=int, default=6, help="prove: unit/hand alternated blocks")
     parser.add_argument("--requests", type=int, default=5, help="prove: requests per block")
     parser.add_argument("--tokens", type=int, default=256, help="prove: tokens per request")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from llmhost.gpu import Gpu, GpuFacts, Toolkit, arch_number, cap_tuple, release, version_tuple
-from llmhost.settings import HostSettings
+from llmhost.settings import FA_TYPES, HostSettings
 
 TARGETS = ("llama-server", "llama-bench")
 
@@ -31,9 +31,6 @@ BASE_CMAKE_FLAGS = (
 )
 
 
-# K/V types ggml can compile flash-attention vector kernels for (ggml/cmake/common.cmake
-# FA_TYPES at the pinned commit). Any other type in GGML_CUDA_FA_QUANTS is a cmake FATAL_ERROR.
-FA_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16")
 # A flash-attention K/V pair: (K type, V type). One type everywhere; fa_quants() is the one place
 # that writes it for cmake ("q4_0-q8_0;..."), system_info_fa_pairs() the one that reads it back.
 KVPair = tuple[str, str]

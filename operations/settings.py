@@ -32,6 +32,9 @@ CACHE_TYPE_WARNINGS = {
     "q5_0": "Q5 K/V measured slower than Q4 in the guide (153 vs 186 tok/s)",
     "q5_1": "Q5 K/V measured slower than Q4 in the guide (153 vs 186 tok/s)",
 }
+# K/V types ggml can compile flash-attention vector kernels for (ggml/cmake/common.cmake
+# FA_TYPES at the pinned commit). Any other type in GGML_CUDA_FA_QUANTS is a cmake FATAL_ERROR.
+FA_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16")
 LOAD_MODES = ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")
 ON_OFF_AUTO = ("on", "off", "auto")
 REASONING_FORMATS = ("none", "deepseek", "deepseek-legacy", "auto")
@@ -153,6 +156,11 @@ def _str_list(v: Any) -> bool:
 
 def _gpu_indexes(v: Any) -> bool:
     return all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def _fa_pair_list(v: Any) -> bool:
+    return all(isinstance(p, (list, tuple)) and len(p) == 2 and all(t in FA_TYPES for t in p)
+               for p in v)
 
 
 def _arch_list(v: Any) -> bool:
@@ -429,6 +437,11 @@ class HostSettings:
         None, "CUDA archs to build for (e.g. ['120a', '89']); unset means computed from the GPUs "
               "present", types=(list,), allowed="a list of arch strings like '90', '89' or '120a'",
         check=_arch_list, convert=tuple)
+    cuda_fa_extra_pairs: tuple[tuple[str, str], ...] = setting(
+        (), "flash-attention K/V pairs to compile beyond those the GPU services use (a later "
+            "change of cache types then needs no rebuild; the bench's K/V sweep runs them)",
+        types=(list,), allowed="a list of [K, V] pairs of " + ", ".join(repr(t) for t in FA_TYPES),
+        check=_fa_pair_list, convert=lambda v: tuple(tuple(p) for p in v))
     cuda_toolkit_install: bool = setting(False, "install NVIDIA's CUDA toolkit from its apt "
                                                 "repository (the driver is never touched)",
                                          types=(bool,))
@@ -472,10 +485,11 @@ class HostSettings:
 
     @property
     def fa_pairs(self) -> tuple[tuple[str, str], ...]:
-        """(K, V) pairs the GPU services need, always with f16/f16 (the unquantized default). CPU
-        services compute any pair on the CPU: their K/V types never change the CUDA build."""
+        """(K, V) pairs the GPU services need, always with f16/f16 (the unquantized default), and
+        the extra ones asked for. CPU services compute any pair on the CPU: their K/V types never
+        change the CUDA build."""
         pairs = {("f16", "f16")} | {(s.cache_type_k, s.cache_type_v) for s in self.services
-                                    if s.uses_gpu}
+                                    if s.uses_gpu} | set(self.cuda_fa_extra_pairs)
         return tuple(sorted(pairs))
 
 

@@ -1,8 +1,9 @@
 """Drift on a converged sandbox host, the way hands cause it: the unit edited (an extra flag,
-service restarted), the build's llama-server replaced under the running service, and the
-generated API key file deleted. `python -m llmhost.verify` names each while the service still
-answers; the next deploy repairs all of it behind the health gate (one restart), verify passes,
-and the key on disk is the one the server accepts (the old one gets 401)."""
+service restarted), the build's llama-server replaced under the running service, the generated
+API key file deleted, and the model file made unreadable. `python -m llmhost.verify` names each
+while the service still answers; the next deploy repairs all of it behind the health gate (one
+restart: the model's mode comes back before it, or the new process could not open it), verify
+passes, and the key on disk is the one the server accepts (the old one gets 401)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,11 @@ def drifted(tmp_path_factory):
                   f"mv {build}/bin/llama-server.new {build}/bin/llama-server")
         # 3. The generated key file deleted.
         ssh(host, f"rm {KEY}")
+        # 4. The model file made unreadable under the running server (it has it mapped).
+        model_path = ssh(host, "ls /var/lib/llama-models/local-*/*.gguf").stdout.strip()
+        ssh(host, f"chmod 000 {model_path}")
         yield {"host": host, "port": port, "inventory": inventory, "build": build,
-               "old_key": old_key, "verify": verify(inventory)}
+               "old_key": old_key, "model_path": model_path, "verify": verify(inventory)}
 
 
 def test_verify_names_each_drift_while_the_service_still_answers(drifted):
@@ -75,6 +79,8 @@ def test_verify_names_each_drift_while_the_service_still_answers(drifted):
     assert f"{drifted['build']}: bin/llama-server deleted or replaced since the build was verified" in summary
     assert f"runs a binary that is not {drifted['build']}/bin/llama-server on disk" in summary
     assert f"{KEY}" in summary  # the key file's checks name it
+    assert (f"user llama cannot open what the service needs: {drifted['model_path']}: "
+            f"Permission denied") in summary
     assert HealthPoller(drifted["port"]).wait_ok(5), "the drifted service stopped answering"
 
 
@@ -87,7 +93,10 @@ def test_the_next_deploy_repairs_it_behind_the_health_gate(drifted):
     poller.stop()
     assert repair.returncode == 0, repair.output[-6000:]
     changed = repair.changed_operations
-    assert {"llama.cpp build", "API key of translate", "Service llama-translate.service"} <= set(changed), changed
+    assert {"llama.cpp build", "API key of translate", "Service llama-translate.service",
+            f"Model file {drifted['model_path']}"} <= set(changed), changed
+    mode = ssh(host, f"stat -c '%U:%G %a' {drifted['model_path']}").stdout.strip()
+    assert mode == "root:root 644", mode
     assert "bin/llama-server was deleted or replaced since the build was verified" in repair.output
     windows = poller.outages()  # the switch's restart, and no other
     assert len(windows) <= 1 and all(seconds < MAX_OUTAGE for _, seconds in windows), windows

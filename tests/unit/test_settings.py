@@ -200,6 +200,10 @@ BAD_INPUTS = [
                                                          "file": "/etc/passwd"})}),
      "host h1: llm_services.translate.model.file: found '/etc/passwd', expected a path inside the "
      "repo (no leading /, no ..)"),
+    ("an extra FA pair ggml cannot compile",
+     host_data(llm_cuda_fa_extra_pairs=[["iq4_nl", "iq4_nl"]]),
+     "host h1: llm_cuda_fa_extra_pairs: found [['iq4_nl', 'iq4_nl']], expected a list of [K, V] "
+     "pairs of 'q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0', 'bf16', 'f16'"),
     ("an HF mmproj that climbs out",
      host_data(llm_services={"translate": service(model={"source": "hf", "repo": "a/b",
                                                          "file": "m.gguf", "mmproj": "../p.gguf"})}),
@@ -250,6 +254,10 @@ def test_fa_pairs_are_the_gpu_services_pairs_plus_f16():
         "b": service(port=2, gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0"),
         "cpu": service(port=3, cache_type_k="q8_0", cache_type_v="q8_0")}))
     assert s.fa_pairs == (("f16", "f16"), ("q4_0", "q8_0"))
+    extra = load_host_settings("h1", host_data(
+        llm_cuda_fa_extra_pairs=[["q4_0", "q4_0"], ["q5_0", "q5_0"]],
+        llm_services={"a": service(gpu_layers=99, cache_type_k="q4_0", cache_type_v="q8_0")}))
+    assert extra.fa_pairs == (("f16", "f16"), ("q4_0", "q4_0"), ("q4_0", "q8_0"), ("q5_0", "q5_0"))
 
 
 def test_a_cpu_only_change_keeps_the_cuda_build_and_the_gpu_unit():
