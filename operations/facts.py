@@ -28,9 +28,10 @@ class JsonFile(FactBase):
 
 
 class BuildState(FactBase):
-    """A build's marker and which of the files it recorded are missing or changed (size or
-    mtime): a few dozen stats, so a rerun trusts no deleted or replaced binary. None when the
-    build has no marker (not built, or not verified)."""
+    """A build's marker: which of the files it recorded are missing or changed (size or mtime),
+    a few dozen stats, so a rerun trusts no deleted or replaced binary; and its CPU self-test's
+    record (the baseline it runs). None when the build has no marker (not built, or not
+    verified)."""
 
     def command(self, build_dir: str) -> str:
         script = ("import json,os,sys; d=sys.argv[1]\n"
@@ -40,7 +41,7 @@ class BuildState(FactBase):
                   "    try: s=os.stat(os.path.join(d,n))\n"
                   "    except OSError: return True\n"
                   "    return [s.st_size,s.st_mtime_ns]!=v\n"
-                  "print(json.dumps({'files':'files' in r,"
+                  "print(json.dumps({'files':'files' in r,'cpu':r.get('cpu'),"
                   "'changed':sorted(n for n,v in r.get('files',{}).items() if bad(n,v))}))")
         return f"python3 -c {shlex.quote(script)} {shlex.quote(build_dir)}"
 

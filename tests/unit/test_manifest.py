@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from pyinfra.api import FileUploadCommand
 
 from llmhost.buildplan import plan_build
 from llmhost.manifest import VERSION, Manifest, ManifestError
@@ -69,3 +70,72 @@ def test_another_version_or_broken_json_is_refused_with_what_to_do(text, found):
     assert found in str(error.value)
     if "version" in found:
         assert f"expected {VERSION}: redeploy the host" in str(error.value)
+
+
+MARKER_CPU = {"requested": "auto", "baseline": "x86-64-v4",
+              "flags": ["-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON"],
+              "faults": [{"baseline": "native", "signal": "SIGILL"}], "selftest_seconds": 1.27,
+              "rates": {"pp32": 900.0, "tg8": 95.0}}
+
+
+def test_the_build_record_takes_the_cpu_baseline_its_self_test_found():
+    planned = deployed_manifest()
+    assert planned.llama_cpp.cpu_baseline == "auto" and planned.llama_cpp.cpu_resolved is None
+    found = planned.with_cpu(MARKER_CPU)
+    back = Manifest.from_json(found.to_json())
+    assert back == found
+    assert back.llama_cpp.cpu_resolved == "x86-64-v4"
+    assert back.llama_cpp.cpu_flags == ("-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON")
+    assert back.llama_cpp.cpu_faults == (("native", "SIGILL"),)
+    assert back.llama_cpp.cpu_selftest_seconds == 1.27
+    assert planned.with_cpu(None) == planned
+
+
+def test_a_version_3_manifest_reads_as_a_native_build_never_self_tested():
+    """Written before builds were self-tested: verify and the bench still read it."""
+    data = json.loads(deployed_manifest().to_json())
+    data["version"] = 3
+    for key in [k for k in data["llama_cpp"] if k.startswith("cpu_")]:
+        del data["llama_cpp"][key]
+    back = Manifest.from_json(json.dumps(data))
+    assert back.llama_cpp.cpu_baseline == "native" and back.llama_cpp.cpu_resolved is None
+    assert back.services == deployed_manifest().services
+
+
+def manifest_commands(build_state, remote_file):
+    """The manifest operation's commands on a host whose build marker and manifest file are as
+    given (facts in, commands out)."""
+    from types import SimpleNamespace
+
+    from pyinfra.context import ctx_host, ctx_state
+    from pyinfra.facts.files import Directory, File
+
+    from llmhost import manifest as record
+    from llmhost.facts import BuildState
+
+    class Host:
+        current_op_global_arguments = None
+
+        def get_fact(self, cls, **kwargs):
+            return {BuildState: build_state, File: remote_file, Directory: None}[cls]
+
+        def get_temp_filename(self, *args, **kwargs):
+            return "/tmp/x"
+
+    planned = deployed_manifest()
+    state = SimpleNamespace(config=SimpleNamespace(DIFF=False))
+    with ctx_state.use(state), ctx_host.use(Host()):
+        return planned, list(record.manifest_file._inner(dest="/etc/llama/llmhost.json",
+                                                         manifest=planned))
+
+
+def test_the_manifest_written_carries_the_baseline_read_from_the_build_marker():
+    planned, commands = manifest_commands({"files": True, "changed": [], "cpu": MARKER_CPU}, None)
+    (upload,) = [c for c in commands if isinstance(c, FileUploadCommand)]
+    assert upload.dest == "/etc/llama/llmhost.json"
+    assert Manifest.from_json(upload.src.getvalue()) == planned.with_cpu(MARKER_CPU)
+    # Planned before the build ran (a first deploy): what is known then; pyinfra runs the
+    # operation again when it executes, after the build, and it reads the marker then.
+    _, commands = manifest_commands(None, None)
+    (upload,) = [c for c in commands if isinstance(c, FileUploadCommand)]
+    assert Manifest.from_json(upload.src.getvalue()).llama_cpp.cpu_resolved is None
