@@ -29,6 +29,9 @@ MARKER = ".llmhost-build.json"
 FAULTS = ".llmhost-cpu-faults.json"   # baselines whose code faulted here: never tried again
 SELFTEST_MODEL = "selftest.gguf"      # the tiny model of the CPU self-test (files/tiny_gguf.py)
 SELFTEST_TIMEOUT = 300
+# How code for instructions the CPU does not run dies (an abort, an OOM kill or a timeout is a
+# broken build or host, not a baseline to drop).
+FAULT_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS")
 PROGRESS_EVERY = 10.0
 
 
@@ -149,7 +152,8 @@ def signal_name(returncode: int) -> str | None:
 def selftest(build_dir: str, model: str) -> tuple[float, str | None, str]:
     """Compute on this host's CPU with the built llama-bench: a prompt of 32 tokens and 8
     generated ones on the tiny model, no layer offloaded and CUDA devices hidden, so a CUDA
-    build computes on the CPU too. (seconds, the signal that killed it or None, its output)."""
+    build computes on the CPU too. (seconds, the fault signal that killed it or None, its
+    output); SelfTestError when it failed otherwise."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     cmd = [os.path.join(build_dir, "bin", "llama-bench"), "-m", model, "-p", "32", "-n", "8",
            "-r", "1", "-ngl", "0", "-o", "jsonl"]
@@ -159,9 +163,12 @@ def selftest(build_dir: str, model: str) -> tuple[float, str | None, str]:
     seconds = time.monotonic() - started
     output = result.stdout + result.stderr
     fault = signal_name(result.returncode)
-    if fault is None and result.returncode != 0:
-        raise SelfTestError(f"llama-bench exited {result.returncode}:\n{output[-2000:]}")
-    if fault is None and not rates(result.stdout):
+    if fault in FAULT_SIGNALS:
+        return seconds, fault, output
+    if result.returncode != 0:
+        how = f"was killed by {fault}" if fault else f"exited {result.returncode}"
+        raise SelfTestError(f"llama-bench {how}:\n{output[-2000:]}")
+    if not rates(result.stdout):
         raise SelfTestError(f"llama-bench printed no result:\n{output[-2000:]}")
     return seconds, fault, output
 

@@ -112,6 +112,7 @@ def test_native_code_that_dies_of_sigill_is_rebuilt_for_v4_in_the_same_folder(tm
     assert result.returncode == 0, result.stdout + result.stderr
     assert ("native CPU code faults on this CPU (SIGILL in the CPU self-test); built for "
             "x86-64-v4 instead") in result.stdout
+    assert result.stdout.count("\nbuild: done in ") == 2
     assert "CPU self-test: the x86-64-v4 build computes on this CPU in " in result.stdout
     assert "pp32 900 t/s, tg8 95 t/s" in result.stdout
     assert calls(tmp_path) == ["configure GGML_NATIVE=ON ", "build",
@@ -127,6 +128,18 @@ def test_native_code_that_dies_of_sigill_is_rebuilt_for_v4_in_the_same_folder(tm
     bench = (tmp_path / "builds" / "b" / "bench-calls").read_text()
     assert bench.startswith("CUDA_VISIBLE_DEVICES=[] -m ") and " -ngl 0 " in bench
     assert (tmp_path / "builds" / "b" / "selftest.gguf").stat().st_size > 4 << 20
+
+
+@pytest.mark.parametrize("signal", ["SEGV", "BUS"])
+def test_a_segfault_or_bus_error_is_a_cpu_fault_too(tmp_path, signal):
+    fake_bin = tmp_path / "fakebin"
+    fake_bin.mkdir()
+    (fake_bin / "cmake").write_text(FAKE_CMAKE.replace("kill -ILL $$", f"kill -{signal} $$"))
+    (fake_bin / "cmake").chmod(0o755)
+    result = run_helper(tmp_path, "auto", faults_on="-DGGML_NATIVE=ON", fake_bin=fake_bin)
+    assert result.returncode == 0, result.stdout
+    assert (f"native CPU code faults on this CPU (SIG{signal} in the CPU self-test); built for "
+            f"x86-64-v4 instead") in result.stdout
 
 
 def test_a_build_redone_later_does_not_try_the_baseline_that_faulted_again(tmp_path):
@@ -168,14 +181,17 @@ def test_auto_goes_down_the_levels_until_one_computes(tmp_path):
     assert len(calls(tmp_path)) == 8
 
 
-def test_a_self_test_that_fails_without_a_signal_fails_the_build_not_the_baseline(tmp_path):
-    """An exit code is a broken build or model, not a CPU to build down for."""
+@pytest.mark.parametrize("death,said", [("exit 1", "llama-bench exited 1"),
+                                        ("kill -ABRT $$", "llama-bench was killed by SIGABRT")])
+def test_a_self_test_that_fails_other_than_by_a_cpu_fault_fails_the_build(tmp_path, death, said):
+    """An exit code or an abort (a GGML_ASSERT) is a broken build or model, not a CPU to build
+    down for: no fallback, no marker."""
     fake_bin = tmp_path / "fakebin"
     fake_bin.mkdir()
-    (fake_bin / "cmake").write_text(FAKE_CMAKE.replace("kill -ILL $$", "exit 1"))
+    (fake_bin / "cmake").write_text(FAKE_CMAKE.replace("kill -ILL $$", death))
     (fake_bin / "cmake").chmod(0o755)
     result = run_helper(tmp_path, "auto", faults_on="-DGGML_NATIVE=ON", fake_bin=fake_bin)
     assert result.returncode == 2
-    assert "build check failed: the CPU self-test of " in result.stdout
-    assert "llama-bench exited 1" in result.stdout
+    assert f"build check failed: the CPU self-test of {tmp_path}/builds/b: {said}" in result.stdout
     assert calls(tmp_path) == ["configure GGML_NATIVE=ON ", "build"]
+    assert not (tmp_path / "builds" / "b" / helper.MARKER).exists()
