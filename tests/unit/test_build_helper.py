@@ -61,7 +61,7 @@ if [ "$1" = --build ]; then
     if grep -qxE -- "$FAULTS_ON" "$dir/flags"; then
         printf '#!/bin/sh\nkill -ILL $$\n' > "$dir/bin/llama-bench"
     else
-        printf '#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=[$CUDA_VISIBLE_DEVICES] $*" >> "%s/bench-calls"\necho '"'"'{"n_prompt": 32, "n_gen": 0, "avg_ts": 900.5}'"'"'\necho '"'"'{"n_prompt": 0, "n_gen": 8, "avg_ts": 95.25}'"'"'\n' "$dir" > "$dir/bin/llama-bench"
+        printf '#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=[${CUDA_VISIBLE_DEVICES-unset}] $*" >> "%s/bench-calls"\necho '"'"'{"n_prompt": 32, "n_gen": 0, "avg_ts": 900.5}'"'"'\necho '"'"'{"n_prompt": 0, "n_gen": 8, "avg_ts": 95.25}'"'"'\n' "$dir" > "$dir/bin/llama-bench"
     fi
     chmod +x "$dir/bin/"*
     echo build >> "$dir/../cmake-calls"
@@ -92,7 +92,9 @@ def run_helper(tmp_path, baseline: str, faults_on: str, fake_bin: Path | None = 
             commit="0c1e57098bba43ac29e6e3b677cdceebdd22334f", cmake_flags=["-DGGML_CUDA=OFF"],
             expected_system_info=[], jobs=1, ccache_dir="", cpu_baseline=baseline)
     command = str(command).replace("/usr/local/lib/llmhost/", str(HELPER_DIR) + "/")
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "FAULTS_ON": faults_on}
+    # A GPU visible to the deploy: the self-test must hide it.
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "FAULTS_ON": faults_on,
+           "CUDA_VISIBLE_DEVICES": "0"}
     return subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env, timeout=120)
 
 
