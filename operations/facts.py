@@ -28,10 +28,9 @@ class JsonFile(FactBase):
 
 
 class BuildState(FactBase):
-    """A build's marker: which of the files it recorded are missing or changed (size or mtime),
-    a few dozen stats, so a rerun trusts no deleted or replaced binary; and its CPU self-test's
-    record (the baseline it runs). None when the build has no marker (not built, or not
-    verified)."""
+    """A build's marker and which of the files it recorded are missing or changed (size or
+    mtime): a few dozen stats, so a rerun trusts no deleted or replaced binary. None when the
+    build has no marker (not built, or not verified)."""
 
     def command(self, build_dir: str) -> str:
         script = ("import json,os,sys; d=sys.argv[1]\n"
@@ -41,12 +40,33 @@ class BuildState(FactBase):
                   "    try: s=os.stat(os.path.join(d,n))\n"
                   "    except OSError: return True\n"
                   "    return [s.st_size,s.st_mtime_ns]!=v\n"
-                  "print(json.dumps({'files':'files' in r,'cpu':r.get('cpu'),"
+                  "print(json.dumps({'files':'files' in r,"
                   "'changed':sorted(n for n,v in r.get('files',{}).items() if bad(n,v))}))")
         return f"python3 -c {shlex.quote(script)} {shlex.quote(build_dir)}"
 
     def process(self, output):
         return json.loads("\n".join(output) or "null")
+
+
+class ManifestState(FactBase):
+    """The deploy's manifest on the host (sha256, owner, group, mode; None when absent) and the
+    CPU record of the build's marker (the baseline its self-test found; None before it ran):
+    one command, so writing the manifest costs a rerun no more than a plain file would."""
+
+    def command(self, path: str, build_dir: str) -> str:
+        script = ("import grp,hashlib,json,os,pwd,sys; p,d=sys.argv[1:3]\n"
+                  "try:\n"
+                  "    s=os.stat(p); h=hashlib.sha256(open(p,'rb').read()).hexdigest()\n"
+                  "    f=[h,pwd.getpwuid(s.st_uid).pw_name,grp.getgrgid(s.st_gid).gr_name,"
+                  "oct(s.st_mode&0o7777)[2:]]\n"
+                  "except (OSError,KeyError): f=None\n"
+                  "try: c=json.load(open(os.path.join(d,'.llmhost-build.json'))).get('cpu')\n"
+                  "except (OSError,ValueError,AttributeError): c=None\n"
+                  "print(json.dumps({'file':f,'cpu':c}))")
+        return f"python3 -c {shlex.quote(script)} {shlex.quote(path)} {shlex.quote(build_dir)}"
+
+    def process(self, output):
+        return json.loads("\n".join(output))
 
 
 class ModelFile(FactBase):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import operation
-from pyinfra.operations import files
+from pyinfra.api import FileUploadCommand, operation
 
-from llmhost.facts import BuildState
+from llmhost.facts import ManifestState
 from llmhost.settings import ModelSpec, ServiceSpec
 
 # 4: the build's CPU baseline, asked for and found by its CPU self-test (cpu_*).
@@ -159,8 +159,8 @@ class Manifest:
 def manifest_file(dest: str, manifest: Manifest):
     """Write the deploy's manifest to ``dest`` (root's, 644), with the CPU baseline the build
     runs read from the build's marker when this operation runs: a build made earlier in the
-    same deploy is recorded as its self-test found it, and a rerun that changes nothing writes
-    the same bytes (a no-op).
+    same deploy is recorded as its self-test found it, and a rerun that changes nothing reads
+    one fact and writes nothing.
 
     + dest: the manifest's path on the host (llm_config_dir/llmhost.json)
     + manifest: what the deploy intended (Manifest.for_deploy)
@@ -172,11 +172,17 @@ def manifest_file(dest: str, manifest: Manifest):
         manifest_file(name="Manifest for tests/host", dest="/etc/llama/llmhost.json",
                       manifest=Manifest.for_deploy(settings, build, models, rendered))
     """
-    # Read at execution as well as at planning (pyinfra runs the generator again then).
-    built = host.get_fact(BuildState, build_dir=manifest.llama_cpp.build_dir) or {}
-    text = manifest.with_cpu(built.get("cpu")).to_json()
-    yield from files.put._inner(src=StringIO(text), dest=dest, user="root", group="root",
-                                mode="644")
+    # Read when planning and again when the operation runs (pyinfra calls it twice), so the
+    # marker a build wrote in between is seen.
+    found = host.get_fact(ManifestState, path=dest, build_dir=manifest.llama_cpp.build_dir)
+    text = manifest.with_cpu(found["cpu"]).to_json()
+    if found["file"] == [hashlib.sha256(text.encode()).hexdigest(), "root", "root", "644"]:
+        host.noop(f"{dest} is up to date")
+        return
+    staged = dest + ".llmhost-new"
+    yield FileUploadCommand(StringIO(text), staged)
+    yield (f"chown root:root {shlex.quote(staged)} && chmod 644 {shlex.quote(staged)} && "
+           f"mv -f {shlex.quote(staged)} {shlex.quote(dest)}")
 
 
 def _record(cls, data: dict):

@@ -3,11 +3,11 @@ host suite, verify and the bench (llmhost.manifest)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
 import pytest
-from pyinfra.api import FileUploadCommand
 
 from llmhost.buildplan import plan_build
 from llmhost.manifest import VERSION, Manifest, ManifestError
@@ -102,40 +102,61 @@ def test_a_version_3_manifest_reads_as_a_native_build_never_self_tested():
     assert back.services == deployed_manifest().services
 
 
-def manifest_commands(build_state, remote_file):
-    """The manifest operation's commands on a host whose build marker and manifest file are as
-    given (facts in, commands out)."""
-    from types import SimpleNamespace
-
-    from pyinfra.context import ctx_host, ctx_state
-    from pyinfra.facts.files import Directory, File
+def manifest_commands(found):
+    """The manifest operation's commands on a host whose manifest file and build marker are as
+    the fact found them (facts in, commands out)."""
+    from pyinfra.context import ctx_host
 
     from llmhost import manifest as record
-    from llmhost.facts import BuildState
+    from llmhost.facts import ManifestState
 
     class Host:
-        current_op_global_arguments = None
+        noops = []
 
         def get_fact(self, cls, **kwargs):
-            return {BuildState: build_state, File: remote_file, Directory: None}[cls]
+            assert cls is ManifestState and kwargs["path"] == "/etc/llama/llmhost.json"
+            return found
 
-        def get_temp_filename(self, *args, **kwargs):
-            return "/tmp/x"
+        def noop(self, text):
+            self.noops.append(text)
 
-    planned = deployed_manifest()
-    state = SimpleNamespace(config=SimpleNamespace(DIFF=False))
-    with ctx_state.use(state), ctx_host.use(Host()):
-        return planned, list(record.manifest_file._inner(dest="/etc/llama/llmhost.json",
-                                                         manifest=planned))
+    fake = Host()
+    with ctx_host.use(fake):
+        return list(record.manifest_file._inner(dest="/etc/llama/llmhost.json",
+                                                manifest=deployed_manifest())), fake.noops
 
 
 def test_the_manifest_written_carries_the_baseline_read_from_the_build_marker():
-    planned, commands = manifest_commands({"files": True, "changed": [], "cpu": MARKER_CPU}, None)
-    (upload,) = [c for c in commands if isinstance(c, FileUploadCommand)]
-    assert upload.dest == "/etc/llama/llmhost.json"
-    assert Manifest.from_json(upload.src.getvalue()) == planned.with_cpu(MARKER_CPU)
+    commands, _ = manifest_commands({"file": None, "cpu": MARKER_CPU})
+    upload, install = commands
+    assert upload.dest == "/etc/llama/llmhost.json.llmhost-new"
+    assert Manifest.from_json(upload.src.getvalue()) == deployed_manifest().with_cpu(MARKER_CPU)
+    assert str(install).endswith("mv -f /etc/llama/llmhost.json.llmhost-new /etc/llama/llmhost.json")
     # Planned before the build ran (a first deploy): what is known then; pyinfra runs the
     # operation again when it executes, after the build, and it reads the marker then.
-    _, commands = manifest_commands(None, None)
-    (upload,) = [c for c in commands if isinstance(c, FileUploadCommand)]
-    assert Manifest.from_json(upload.src.getvalue()).llama_cpp.cpu_resolved is None
+    commands, _ = manifest_commands({"file": None, "cpu": None})
+    assert Manifest.from_json(commands[0].src.getvalue()).llama_cpp.cpu_resolved is None
+
+
+def test_an_unchanged_manifest_is_a_noop_and_a_changed_mode_is_not():
+    text = deployed_manifest().with_cpu(MARKER_CPU).to_json()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    commands, noops = manifest_commands({"file": [digest, "root", "root", "644"], "cpu": MARKER_CPU})
+    assert commands == [] and noops == ["/etc/llama/llmhost.json is up to date"]
+    commands, _ = manifest_commands({"file": [digest, "root", "root", "666"], "cpu": MARKER_CPU})
+    assert len(commands) == 2
+
+
+def test_the_manifest_state_fact_reads_the_file_and_the_markers_cpu_record(tmp_path):
+    from tests.unit.test_operations import run_fact
+    from llmhost.facts import ManifestState
+
+    path, build = tmp_path / "llmhost.json", tmp_path / "build"
+    assert run_fact(ManifestState, path=str(path), build_dir=str(build)) == {"file": None, "cpu": None}
+    build.mkdir()
+    (build / ".llmhost-build.json").write_text(json.dumps({"cpu": MARKER_CPU}))
+    path.write_text("{}\n")
+    path.chmod(0o640)
+    found = run_fact(ManifestState, path=str(path), build_dir=str(build))
+    assert found["cpu"] == MARKER_CPU
+    assert found["file"][0] == hashlib.sha256(b"{}\n").hexdigest() and found["file"][3] == "640"

@@ -73,14 +73,12 @@ def test_build_state_names_deleted_and_replaced_files(tmp_path):
         (tmp_path / "bin" / name).write_bytes(b"x" * 10)
     record = {n: [10, os.stat(tmp_path / n).st_mtime_ns] for n in
               ("bin/llama-server", "bin/llama-bench", "bin/libggml.so")}
-    cpu = {"baseline": "x86-64-v4", "faults": [{"baseline": "native", "signal": "SIGILL"}]}
-    (tmp_path / ".llmhost-build.json").write_text(json.dumps({"commit": "c", "files": record,
-                                                              "cpu": cpu}))
-    assert run_fact(BuildState, build_dir=str(tmp_path)) == {"files": True, "changed": [], "cpu": cpu}
+    (tmp_path / ".llmhost-build.json").write_text(json.dumps({"commit": "c", "files": record}))
+    assert run_fact(BuildState, build_dir=str(tmp_path)) == {"files": True, "changed": []}
     (tmp_path / "bin" / "llama-bench").unlink()
     (tmp_path / "bin" / "libggml.so").write_bytes(b"y" * 11)
     assert run_fact(BuildState, build_dir=str(tmp_path)) == {
-        "files": True, "changed": ["bin/libggml.so", "bin/llama-bench"], "cpu": cpu}
+        "files": True, "changed": ["bin/libggml.so", "bin/llama-bench"]}
     assert run_fact(BuildState, build_dir=str(tmp_path / "none")) is None
 
 
