@@ -3,8 +3,11 @@
 
 Runs on the target host (python3 stdlib only). The build directory is keyed by commit and flags
 by the caller; a build is usable only once its marker file exists, and the marker is written
-after the binary has proven it is the pinned commit. An interrupted build resumes where ninja
-left off on the next run. The full log stays beside the build for failures.
+after the binary has computed on this host's CPU (a short llama-bench on a tiny model) and proven
+it is the pinned commit. Where the CPU code faults (SIGILL: the CPU's CPUID lists instructions
+its hypervisor does not let it run), the build is redone for the next CPU baseline given, in the
+same folder; the marker records the baseline that ran and the faults seen. An interrupted build
+resumes where ninja left off on the next run. The full log stays beside the build for failures.
 """
 
 from __future__ import annotations
@@ -12,14 +15,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 
+import tiny_gguf  # beside this file on the host (files/)
+
 MARKER = ".llmhost-build.json"
+FAULTS = ".llmhost-cpu-faults.json"   # baselines whose code faulted here: never tried again
+SELFTEST_MODEL = "selftest.gguf"      # the tiny model of the CPU self-test (files/tiny_gguf.py)
+SELFTEST_TIMEOUT = 300
+# How code for instructions the CPU does not run dies (an abort, an OOM kill or a timeout is a
+# broken build or host, not a baseline to drop).
+FAULT_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS")
 PROGRESS_EVERY = 10.0
+
+
+class BuildError(RuntimeError):
+    """configure or build failed (its exit code); the log says why."""
+
+
+class SelfTestError(RuntimeError):
+    """The self-test failed without a fault of the CPU: a broken build, not a baseline to drop."""
+
+
+class CpuFaultError(RuntimeError):
+    """No baseline tried runs on this CPU."""
 
 
 def log(message: str) -> None:
@@ -114,6 +139,115 @@ def built_files(build_dir: str) -> dict[str, list[int]]:
     return files
 
 
+def signal_name(returncode: int) -> str | None:
+    """SIGILL for a process killed by signal 4 (subprocess reports -4), else None."""
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def selftest(build_dir: str, model: str) -> tuple[float, str | None, str]:
+    """Compute on this host's CPU with the built llama-bench: a prompt of 32 tokens and 8
+    generated ones on the tiny model, no layer offloaded and CUDA devices hidden, so a CUDA
+    build computes on the CPU too. (seconds, the fault signal that killed it or None, its
+    output); SelfTestError when it failed otherwise."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    cmd = [os.path.join(build_dir, "bin", "llama-bench"), "-m", model, "-p", "32", "-n", "8",
+           "-r", "1", "-ngl", "0", "-o", "jsonl"]
+    started = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env,
+                            timeout=SELFTEST_TIMEOUT)
+    seconds = time.monotonic() - started
+    output = result.stdout + result.stderr
+    fault = signal_name(result.returncode)
+    if fault in FAULT_SIGNALS:
+        return seconds, fault, output
+    if result.returncode != 0:
+        how = f"was killed by {fault}" if fault else f"exited {result.returncode}"
+        raise SelfTestError(f"llama-bench {how}:\n{output[-2000:]}")
+    if not rates(result.stdout):
+        raise SelfTestError(f"llama-bench printed no result:\n{output[-2000:]}")
+    return seconds, fault, output
+
+
+def rates(jsonl: str) -> dict[str, float]:
+    """llama-bench's tokens per second by test ("pp32", "tg8") from its jsonl lines."""
+    found = {}
+    for line in jsonl.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        test = f"pp{row['n_prompt']}" if row.get("n_prompt") else f"tg{row.get('n_gen')}"
+        found[test] = float(row.get("avg_ts", 0))
+    return found
+
+
+def read_faults(path: str) -> dict[str, str]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def resolve_cpu_baseline(candidates: list[tuple[str, list[str]]], build, build_dir: str,
+                         model: str, machine: str) -> dict:
+    """Build each candidate baseline in turn and self-test it; the first that computes is the
+    build. ``build(flags)`` configures and builds with the candidate's cmake flags, in the same
+    folder (ninja recompiles only the CPU backend, whose flags changed). A fault is kept in the
+    folder (FAULTS) as soon as it is seen, so a build interrupted or repaired later does not try
+    that baseline again. Returns the build's CPU record; raises CpuFaultError when none runs."""
+    faults_path = os.path.join(build_dir, FAULTS)
+    known = read_faults(faults_path)
+    faults = []
+    for name, flags in candidates:
+        if name in known:
+            log(f"CPU self-test: {name} CPU code faulted on this CPU before ({known[name]}); "
+                f"not tried again (remove {faults_path} to try it)")
+            faults.append({"baseline": name, "signal": known[name]})
+            continue
+        if name.startswith("x86-64") and machine not in ("x86_64", "AMD64"):
+            if len(candidates) == 1:
+                raise CpuFaultError(f"{name} is an x86-64 baseline and this CPU is {machine}")
+            log(f"CPU self-test: {name} is an x86-64 baseline and this CPU is {machine}; skipped")
+            continue
+        code = build(flags)
+        if code:
+            raise BuildError(code)
+        seconds, fault, output = selftest(build_dir, model)
+        if fault:
+            log(f"CPU self-test: {name} CPU code faults on this CPU ({fault} in llama-bench "
+                f"after {seconds:.1f}s); its last lines:\n{output.strip()[-600:]}")
+            faults.append({"baseline": name, "signal": fault})
+            known[name] = fault
+            with open(faults_path, "w") as f:
+                json.dump(known, f)
+            continue
+        return {"baseline": name, "flags": flags, "faults": faults,
+                "selftest_seconds": round(seconds, 2), "rates": rates(output)}
+    raise CpuFaultError(faults_text(faults))
+
+
+def faults_text(faults: list[dict]) -> str:
+    """"native CPU code faults on this CPU (SIGILL in the CPU self-test)"."""
+    names = [f["baseline"] for f in faults]
+    signals = sorted({f["signal"] for f in faults})
+    listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return (f"{listed or 'no'} CPU code {'faults' if len(names) == 1 else 'fault'} on this CPU "
+            f"({', '.join(signals)} in the CPU self-test)")
+
+
+def fallback_line(record: dict) -> str | None:
+    """The deploy's one line when the build is not for the first baseline tried."""
+    if not record["faults"]:
+        return None
+    return f"{faults_text(record['faults'])}; built for {record['baseline']} instead"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--src", required=True)
@@ -123,6 +257,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--ccache-dir", default="")
     parser.add_argument("--cmake-flag", action="append", default=[])
+    parser.add_argument("--cpu-baseline", default="native",
+                        help="llm_cpu_baseline as set (auto or one baseline), for the record")
+    parser.add_argument("--cpu-candidate", action="append", default=[],
+                        help="NAME=FLAG,FLAG...: a CPU baseline and its cmake flags, best first")
     parser.add_argument("--remove", action="append", help="a file of bin/ to build again")
     parser.add_argument("--expect-system-info", action="append", default=[],
                         help="KEY=VALUE that system_info must show, e.g. ARCHS=900")
@@ -151,15 +289,45 @@ def main() -> int:
     jobs = args.jobs or os.cpu_count() or 1
     started = time.monotonic()
 
-    configure = ["cmake", "-S", args.src, "-B", args.build_dir, "-G", "Ninja", *args.cmake_flag]
-    if run_logged(configure, log_path, "configure", env):
-        log(f"configure failed; log {log_path}:\n{tail(log_path)}")
+    def build(cpu_flags: list[str]) -> int:
+        configure = ["cmake", "-S", args.src, "-B", args.build_dir, "-G", "Ninja",
+                     *args.cmake_flag, *cpu_flags]
+        if run_logged(configure, log_path, "configure", env):
+            log(f"configure failed; log {log_path}:\n{tail(log_path)}")
+            return 1
+        build_cmd = ["cmake", "--build", args.build_dir, "--parallel", str(jobs), "--target",
+                     *args.targets.split(",")]
+        if run_logged(build_cmd, log_path, "build", env):
+            log(f"build failed; log {log_path}:\n{tail(log_path)}")
+            return 1
+        return 0
+
+    candidates = [(name, [flag for flag in flags.split(",") if flag])
+                  for name, _, flags in (c.partition("=") for c in args.cpu_candidate)]
+    model = os.path.join(args.build_dir, SELFTEST_MODEL)
+    tiny_gguf.write(model)
+    try:
+        cpu = resolve_cpu_baseline(candidates or [("native", [])], build, args.build_dir, model,
+                                   platform.machine())
+    except BuildError:
         return 1
-    build = ["cmake", "--build", args.build_dir, "--parallel", str(jobs), "--target",
-             *args.targets.split(",")]
-    if run_logged(build, log_path, "build", env):
-        log(f"build failed; log {log_path}:\n{tail(log_path)}")
-        return 1
+    except SelfTestError as error:
+        log(f"build check failed: the CPU self-test of {args.build_dir}: {error}")
+        return 2
+    except CpuFaultError as error:
+        fix = ("expected a baseline that runs here: set llm_cpu_baseline to auto, or pin a lower "
+               "baseline" if args.cpu_baseline != "auto" else "no baseline auto tries runs here")
+        log(f"build check failed: {error}; llm_cpu_baseline is {args.cpu_baseline}: {fix} "
+            f"(build {args.build_dir}, log {args.build_dir}.log)")
+        return 3
+    cpu["requested"] = args.cpu_baseline
+    line = fallback_line(cpu)
+    if line:
+        log(line)
+    pp, tg = (f"{v:.0f}" for v in (cpu["rates"].get("pp32", 0), cpu["rates"].get("tg8", 0)))
+    log(f"CPU self-test: the {cpu['baseline']} build computes on this CPU in "
+        f"{cpu['selftest_seconds']:.2f}s (llama-bench on a {os.path.getsize(model) >> 20} MB "
+        f"model, CPU only: pp32 {pp} t/s, tg8 {tg} t/s)")
 
     version = version_output(args.build_dir)
     if args.commit[:8] not in version:
@@ -174,7 +342,8 @@ def main() -> int:
                 f"{'; '.join(problems)}\nsystem_info: {info}")
             return 2
         log(f"system_info: {info}")
-    record = {"commit": args.commit, "flags": args.cmake_flag, "targets": args.targets.split(","),
+    record = {"commit": args.commit, "flags": args.cmake_flag, "cpu": cpu,
+              "targets": args.targets.split(","),
               "version": version.strip().splitlines()[-2:], "seconds": round(time.monotonic() - started),
               "files": built_files(args.build_dir)}
     tmp = marker + ".tmp"

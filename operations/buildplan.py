@@ -1,7 +1,8 @@
 """Build inputs: what llama.cpp build a host gets, computed from its settings and its GPUs
 (llmhost.gpu's facts). The CUDA archs of the GPUs present (12.x as the arch-specific 12Xa of the
 Blackwell FP4 path), the flash-attention K/V pairs its GPU services use, the toolkit able to
-compile both, and the cmake flags; the build folder is keyed by all of them. Pure functions.
+compile both, the CPU baselines to try (llm_cpu_baseline), and the cmake flags; the build folder
+is keyed by all of them. Pure functions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from llmhost.gpu import Gpu, GpuFacts, Toolkit, arch_number, cap_tuple, release, version_tuple
-from llmhost.settings import FA_TYPES, HostSettings
+from llmhost.settings import CPU_BASELINES, FA_TYPES, HostSettings
 
 TARGETS = ("llama-server", "llama-bench")
 
@@ -39,6 +40,53 @@ F16 = ("f16", "f16")
 FA_DEFAULT_PAIRS = (("q4_0", "q4_0"), ("q8_0", "q8_0"), F16, ("bf16", "bf16"))
 
 
+# CPU baselines (settings.CPU_BASELINES, best first): what ggml's CPU code is compiled for.
+# "native" is -march=native (GGML_NATIVE=ON, llama.cpp's default); the x86-64 levels are the
+# psABI's (v2: SSE4.2, v3: AVX2/FMA/F16C/BMI2, v4: AVX-512 F/CD/BW/DQ/VL), spelled in ggml's
+# own options, without VNNI, BF16, VBMI or AMX. A CPU whose CPUID lists more than its hypervisor
+# lets it run (the H200 VM: AMX, AVX512-FP16) faults on native code; the build's CPU self-test
+# finds that, and auto tries the next baseline.
+
+# Every x86 instruction-set option of ggml at the pinned commit (ggml/CMakeLists.txt; used by
+# ggml/src/ggml-cpu/CMakeLists.txt when GGML_NATIVE is OFF). Each is passed ON or OFF, so a
+# build folder reconfigured for another baseline keeps nothing of the one before.
+X86_OPTIONS = ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX_VNNI", "AVX512",
+               "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8", "AMX_BF16")
+_X86_V2 = ("SSE42",)
+_X86_V3 = (*_X86_V2, "AVX", "AVX2", "BMI2", "FMA", "F16C")
+# GGML_AVX512 is -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw: exactly v4's AVX-512.
+_X86_V4 = (*_X86_V3, "AVX512")
+X86_LEVELS = {"x86-64-v4": _X86_V4, "x86-64-v3": _X86_V3, "x86-64-v2": _X86_V2}
+# The options system_info names when they are compiled in (ggml-cpu.cpp get_features); SSE4.2,
+# AMX_TILE and AMX_BF16 it does not name.
+SYSTEM_INFO_FEATURES = ("AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VBMI",
+                        "AVX512_VNNI", "AVX512_BF16", "AMX_INT8")
+
+
+def cpu_baseline_flags(baseline: str) -> tuple[str, ...]:
+    """The cmake options that compile ggml's CPU code for ``baseline``."""
+    if baseline == "native":
+        return ("-DGGML_NATIVE=ON",)
+    on = X86_LEVELS[baseline]
+    return ("-DGGML_NATIVE=OFF",
+            *(f"-DGGML_{option}={'ON' if option in on else 'OFF'}" for option in X86_OPTIONS))
+
+
+def cpu_candidates(requested: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(baseline, its cmake flags) to try in order: every baseline, best first, for auto; the
+    one pinned otherwise (a pinned baseline that faults fails the host)."""
+    names = CPU_BASELINES if requested == "auto" else (requested,)
+    return tuple((name, cpu_baseline_flags(name)) for name in names)
+
+
+def cpu_baseline_features(baseline: str) -> dict[str, bool]:
+    """What system_info must show (True) and must not show (False) for a build of ``baseline``;
+    nothing for native, whose features are the build host's."""
+    if baseline not in X86_LEVELS:
+        return {}
+    return {feature: feature in X86_LEVELS[baseline] for feature in SYSTEM_INFO_FEATURES}
+
+
 @dataclass(frozen=True)
 class Build:
     source_dir: str
@@ -52,6 +100,9 @@ class Build:
     # GPUs of the host it is built for: what a GPU service without `gpus` offloads to (not
     # part of the build's key: the same build serves any number of GPUs of its archs).
     gpu_count: int = 0
+    # llm_cpu_baseline: the build tries cpu_candidates(cpu_baseline) in order, and the first
+    # whose CPU self-test computes is the build (its marker records which).
+    cpu_baseline: str = "auto"
 
     @property
     def server_binary(self) -> str:
@@ -77,7 +128,11 @@ def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
                archs: tuple[str, ...] = (), fa_pairs: tuple[tuple[str, str], ...] = (),
                gpu_count: int = 0) -> Build:
     flags = cmake_flags(settings, backend_flags)
-    key = hashlib.sha256("\n".join(flags + TARGETS).encode()).hexdigest()[:8]
+    # Keyed by the baseline asked for, not the one found: "auto" is one build, "the best
+    # baseline that runs here", so a rerun finds it complete and never tries native again.
+    tried = [f"cpu:{name}:{' '.join(cpu_flags)}"
+             for name, cpu_flags in cpu_candidates(settings.cpu_baseline)]
+    key = hashlib.sha256("\n".join(flags + TARGETS + tuple(tried)).encode()).hexdigest()[:8]
     base = settings.install_dir
     return Build(
         source_dir=f"{base}/src/{settings.llamacpp_commit}",
@@ -88,6 +143,7 @@ def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
         archs=archs,
         fa_pairs=fa_pairs,
         gpu_count=gpu_count,
+        cpu_baseline=settings.cpu_baseline,
     )
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-from io import StringIO
 
 from pyinfra import host, state
 from pyinfra.api import deploy
@@ -12,6 +11,7 @@ from pyinfra.operations import files
 
 from llmhost import (base, buildplan, cuda, gateway, gpu, llamacpp, preflight, retention,
                      services, timing, weights)
+from llmhost import manifest as record
 from llmhost.facts import JsonFile, KeyAccepted
 from llmhost.manifest import Manifest
 
@@ -80,7 +80,7 @@ def llama_server() -> None:
         name="llama.cpp build", source_dir=build.source_dir, build_dir=build.build_dir,
         commit=settings.llamacpp_commit, cmake_flags=list(build.cmake_flags),
         expected_system_info=list(build.expected_system_info), jobs=settings.build_jobs,
-        ccache_dir=f"{settings.install_dir}/ccache")
+        ccache_dir=f"{settings.install_dir}/ccache", cpu_baseline=build.cpu_baseline)
 
     for service in settings.services:
         for spec in models[service.name].files:
@@ -134,7 +134,6 @@ def llama_server() -> None:
                            rendered=rendered, keep_previous=settings.keep_previous)
 
     # Last, so it only describes a host whose every step above succeeded.
-    manifest = Manifest.for_deploy(settings, build, models, rendered)
-    files.put(name="Manifest for tests/host", src=StringIO(manifest.to_json()),
-              dest=manifest_file, user="root", group="root", mode="644")
+    record.manifest_file(name="Manifest for tests/host", dest=manifest_file,
+                         manifest=Manifest.for_deploy(settings, build, models, rendered))
 

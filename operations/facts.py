@@ -57,6 +57,31 @@ class BuildState(FactBase):
         return json.loads("\n".join(output) or "null")
 
 
+class ManifestState(FactBase):
+    """The deploy's manifest on the host (sha256, owner, group, mode; None when absent) and the
+    CPU record of the build's marker (the baseline its self-test found; None before it ran):
+    one command, so writing the manifest costs a rerun no more than a plain file would."""
+
+    def command(self, path: str, build_dir: str) -> str:
+        script = ("import grp,hashlib,json,os,pwd,sys; p,d=sys.argv[1:3]\n"
+                  "try:\n"
+                  "    s=os.stat(p); h=hashlib.sha256(open(p,'rb').read()).hexdigest()\n"
+                  "    f=[h,pwd.getpwuid(s.st_uid).pw_name,grp.getgrgid(s.st_gid).gr_name,"
+                  "oct(s.st_mode&0o7777)[2:]]\n"
+                  "except (OSError,KeyError): f=None\n"
+                  "try: c=json.load(open(os.path.join(d,'.llmhost-build.json'))).get('cpu')\n"
+                  "except (OSError,ValueError,AttributeError): c=None\n"
+                  "print(json.dumps({'file':f,'cpu':c}))")
+        return f"python3 -c {shlex.quote(script)} {shlex.quote(path)} {shlex.quote(build_dir)}"
+
+    def process(self, output):
+        return json.loads("\n".join(output))
+
+    @staticmethod
+    def default():
+        return {"file": None, "cpu": None}
+
+
 class ModelFile(FactBase):
     """Size and mtime of a model file and its record: enough to trust it without hashing it
     again (a file rewritten in place keeps its size but not its mtime); and whether it and its

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 
 def each(services, check) -> None:
@@ -37,3 +38,19 @@ def http(host, url: str, *, key_file: str | None = None, body: dict | None = Non
 
 def main_pid(host, unit: str) -> int:
     return int(host.run("systemctl show -p MainPID --value %s", unit).stdout.strip() or 0)
+
+
+def system_info(host, server: str) -> str:
+    """The system_info line of ``server`` as this host runs it (the CUDA backend's fields are
+    printed only at run time, with the GPU present); printed before the model loads, so a
+    model that does not exist is enough, on port 0. A check fails when it prints none."""
+    result = host.run("timeout 120 %s -lv 4 --host 127.0.0.1 --port 0 "
+                      "--model /nonexistent/llmhost-probe.gguf 2>&1", server)
+    lines = [line for line in result.stdout.splitlines() if "system_info:" in line]
+    assert lines, f"{server} printed no system_info line: {result.stdout[-500:]}"
+    return lines[-1].split("system_info:", 1)[1]
+
+
+def info_fields(line: str) -> dict[str, str]:
+    """KEY = VALUE fields of a system_info line."""
+    return {k: v.strip() for k, v in re.findall(r"(\w+) = ([^|]+)", line)}

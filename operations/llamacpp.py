@@ -2,7 +2,9 @@
 
 Layout under llm_install_dir:
     src/<commit>/                    the source, from git or pushed from the controller
-    builds/<commit12>-<flags8>/      one build per commit and flag set, marker written once verified
+    builds/<commit12>-<flags8>/      one build per commit, flag set and llm_cpu_baseline as set (auto
+                                     is one build: the best baseline that runs here), marker written
+                                     once verified; selftest.gguf, the CPU self-test's tiny model
     builds/<...>.log                 the build log, kept for failures
     ccache/                          shared by every build, so a flag change recompiles only what changed
 A new commit or flag set builds beside the old build, which keeps serving until the unit switch.
@@ -21,7 +23,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
 from llmhost import remote
-from llmhost.buildplan import TARGETS
+from llmhost.buildplan import TARGETS, cpu_candidates
 from llmhost.facts import BuildState, JsonFile
 from llmhost.settings import HostSettings
 
@@ -90,9 +92,13 @@ def source(source_dir: str, commit: str, git_url: str | None = None, tarball: st
 
 @operation()
 def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
-          expected_system_info: list[str], jobs: int, ccache_dir: str):
-    """Build llama-server and llama-bench, verified before use: --version must name ``commit``
-    and system_info show ``expected_system_info``, then a marker records the build's files. A
+          expected_system_info: list[str], jobs: int, ccache_dir: str, cpu_baseline: str = "auto"):
+    """Build llama-server and llama-bench, verified before use: the build computes on this
+    host's CPU (a CPU self-test: llama-bench on a tiny model, CUDA hidden), --version must name
+    ``commit`` and system_info show ``expected_system_info``, then a marker records the build's
+    files and the CPU baseline it runs. Where the CPU code faults (SIGILL), ``cpu_baseline``
+    auto rebuilds it for the next baseline in the same folder (only ggml's CPU backend
+    recompiles) and says so in one line; a pinned baseline that faults fails the host. A
     complete build is never rebuilt; one whose recorded files were deleted or replaced is built
     again where it stands (ninja relinks just those; a running service keeps the files it has
     open until its restart behind the health gate).
@@ -104,6 +110,8 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
     + expected_system_info: KEY=VALUE fragments system_info must show (CUDA archs, FA pairs)
     + jobs: parallel compile jobs, 0 for one per CPU
     + ccache_dir: ccache shared by every build of the host
+    + cpu_baseline: llm_cpu_baseline: auto (native, else the first x86-64 level that runs) or one
+      baseline (llmhost.buildplan.cpu_candidates)
 
     **Example:**
 
@@ -112,7 +120,7 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
         build(name="llama.cpp build", source_dir=plan.source_dir, build_dir=plan.build_dir,
               commit=plan_commit, cmake_flags=list(plan.cmake_flags),
               expected_system_info=list(plan.expected_system_info), jobs=0,
-              ccache_dir="/opt/llama.cpp/ccache")
+              ccache_dir="/opt/llama.cpp/ccache", cpu_baseline="auto")
     """
     recorded = host.get_fact(BuildState, build_dir=build_dir)
     label = f"llama.cpp build {os.path.basename(build_dir)}"
@@ -128,6 +136,8 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
     # "=" form: argparse would take a bare "-DFOO" for an option of its own.
     args += [f"--cmake-flag={flag}" for flag in cmake_flags]
     args += [f"--expect-system-info={fragment}" for fragment in expected_system_info]
+    args += [f"--cpu-baseline={cpu_baseline}"]
+    args += [f"--cpu-candidate={name}={','.join(flags)}" for name, flags in cpu_candidates(cpu_baseline)]
     if recorded:  # its record no longer matches (or predates file records): verify it again
         args += [f"--remove={changed}" for changed in recorded["changed"]]
         yield f"rm -f {shlex.quote(f'{build_dir}/{BUILD_MARKER}')}"

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+import shlex
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from io import StringIO
 
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, operation
+
+from llmhost.facts import ManifestState
 from llmhost.settings import ModelSpec, ServiceSpec
 
+# 4: the build's CPU baseline, asked for and found by its CPU self-test (cpu_*).
 # 3: a service's settings are recorded whole, as settings.ServiceSpec (2 listed ten of them).
-VERSION = 3
+VERSION = 4
+# Versions read as well: a field they lack reads as its default (a version 3 build: native,
+# never self-tested).
+READABLE = (3, VERSION)
 
 
 class ManifestError(ValueError):
@@ -69,6 +79,14 @@ class BuildRecord:
     fa_pairs: tuple[tuple[str, str], ...]     # flash-attention K/V pairs compiled; () for CPU
     nvcc: str | None
     expected_system_info: tuple[str, ...]
+    # llm_cpu_baseline as set ("auto" or one baseline), and what the build's CPU self-test
+    # found (its marker): the baseline it runs, that baseline's cmake flags, the baselines that
+    # faulted as (baseline, signal), and the self-test's seconds. None/() before it ran.
+    cpu_baseline: str = "native"
+    cpu_resolved: str | None = None
+    cpu_flags: tuple[str, ...] = ()
+    cpu_faults: tuple[tuple[str, str], ...] = ()
+    cpu_selftest_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,7 @@ class Manifest:
         except ValueError as error:
             raise ManifestError(f"not JSON: {error}") from None
         found = data.get("version") if isinstance(data, dict) else None
-        if found != VERSION:
+        if found not in READABLE:
             raise ManifestError(f"found version {found!r}, expected {VERSION}: redeploy the host "
                                 f"with this llmhost to rewrite it")
         return cls(
@@ -122,18 +140,61 @@ class Manifest:
                 server=build.server_binary, bench=build.bench_binary,
                 cmake_flags=tuple(build.cmake_flags), archs=tuple(build.archs),
                 fa_pairs=tuple(build.fa_pairs), nvcc=build.nvcc,
-                expected_system_info=tuple(build.expected_system_info)),
+                expected_system_info=tuple(build.expected_system_info),
+                cpu_baseline=build.cpu_baseline),
             service_user=settings.service_user, services=services)
+
+    def with_cpu(self, cpu: dict | None) -> "Manifest":
+        """This manifest with what the build's CPU self-test found (the ``cpu`` record of the
+        build's marker, files/build_llamacpp.py), or as it is when there is none yet."""
+        if not cpu:
+            return self
+        return replace(self, llama_cpp=replace(
+            self.llama_cpp, cpu_resolved=cpu["baseline"], cpu_flags=tuple(cpu["flags"]),
+            cpu_faults=tuple((f["baseline"], f["signal"]) for f in cpu["faults"]),
+            cpu_selftest_seconds=cpu["selftest_seconds"]))
+
+
+@operation()
+def manifest_file(dest: str, manifest: Manifest):
+    """Write the deploy's manifest to ``dest`` (root's, 644), with the CPU baseline the build
+    runs read from the build's marker when this operation runs: a build made earlier in the
+    same deploy is recorded as its self-test found it, and a rerun that changes nothing reads
+    one fact and writes nothing.
+
+    + dest: the manifest's path on the host (llm_config_dir/llmhost.json)
+    + manifest: what the deploy intended (Manifest.for_deploy)
+
+    **Example:**
+
+    .. code:: python
+
+        manifest_file(name="Manifest for tests/host", dest="/etc/llama/llmhost.json",
+                      manifest=Manifest.for_deploy(settings, build, models, rendered))
+    """
+    # Read when planning and again when the operation runs (pyinfra calls it twice), so the
+    # marker a build wrote in between is seen.
+    found = host.get_fact(ManifestState, path=dest, build_dir=manifest.llama_cpp.build_dir)
+    text = manifest.with_cpu(found["cpu"]).to_json()
+    if found["file"] == [hashlib.sha256(text.encode()).hexdigest(), "root", "root", "644"]:
+        host.noop(f"{dest} is up to date")
+        return
+    staged = dest + ".llmhost-new"
+    yield FileUploadCommand(StringIO(text), staged)
+    yield (f"chown root:root {shlex.quote(staged)} && chmod 644 {shlex.quote(staged)} && "
+           f"mv -f {shlex.quote(staged)} {shlex.quote(dest)}")
 
 
 def _record(cls, data: dict):
     """A record from its JSON object: lists become tuples, nested records are built."""
     values = {}
     for f in fields(cls):
+        if f.name not in data and f.default is not MISSING:
+            continue  # written by an older version (READABLE): its default
         value = data[f.name]
         if f.name == "files":
             value = tuple(ModelFileRecord(**item) for item in value)
-        elif f.name == "fa_pairs":
+        elif f.name in ("fa_pairs", "cpu_faults"):
             value = tuple(tuple(pair) for pair in value)
         elif f.name == "settings":
             value = _service_settings(value)

@@ -40,6 +40,10 @@ ON_OFF_AUTO = ("on", "off", "auto")
 REASONING_FORMATS = ("none", "deepseek", "deepseek-legacy", "auto")
 MODEL_SOURCES = ("local", "hf", "mirror")
 LLAMACPP_SOURCES = ("git", "local")
+# llm_cpu_baseline: what llama.cpp's CPU code is compiled for, best first (their cmake options:
+# llmhost.buildplan.cpu_baseline_flags); auto tries them in this order.
+CPU_BASELINES = ("native", "x86-64-v4", "x86-64-v3", "x86-64-v2")
+CPU_BASELINE_CHOICES = ("auto", *CPU_BASELINES)
 UNIT_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -433,6 +437,11 @@ class HostSettings:
     build_jobs: int = setting(0, "parallel compile jobs for the llama.cpp build; 0 means one per "
                                  "CPU", types=(int,), allowed="a non-negative integer",
                               check=_non_negative)
+    cpu_baseline: str = setting("auto", "what the CPU code of llama.cpp is compiled for: auto "
+                                        "(native, and where that faults in the build's CPU "
+                                        "self-test, the first of x86-64-v4, -v3, -v2 that runs), "
+                                        "or one of them pinned (a pinned one that faults fails "
+                                        "the host)", types=(str,), choices=CPU_BASELINE_CHOICES)
     cuda_architectures: tuple[str, ...] | None = setting(
         None, "CUDA archs to build for (e.g. ['120a', '89']); unset means computed from the GPUs "
               "present", types=(list,), allowed="a list of arch strings like '90', '89' or '120a'",

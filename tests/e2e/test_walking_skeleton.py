@@ -9,12 +9,14 @@ would), the model through a fake Hugging Face (gated: the token must travel), tw
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
+from llmhost.manifest import Manifest
 from tests.support import cache, deployment, sandbox
 from tests.support.deployment import REPO, run_deploy, ssh
 from tests.support.fake_hf import FakeHF
@@ -151,6 +153,19 @@ def test_first_run_converges(converged):
     assert "switch_service.py" in shipped and "bench_service.py" not in shipped, shipped
     # The download's progress reached pyinfra's normal output.
     assert "done:" in converged["first"].output and "verified" in converged["first"].output
+
+
+def test_the_build_computed_on_the_hosts_cpu_and_the_manifest_says_for_which_baseline(converged):
+    """The build's CPU self-test ran in the deploy, printed its baseline and seconds, and the
+    manifest records them (this CPU runs native code: no fault, no fallback)."""
+    found = re.search(r"CPU self-test: the (\S+) build computes on this CPU in ([0-9.]+)s",
+                      converged["first"].output)
+    assert found, converged["first"].output[-4000:]
+    manifest = Manifest.from_json(ssh(converged["host"], "cat /etc/llama/llmhost.json").stdout)
+    build = manifest.llama_cpp
+    assert (found.group(1), build.cpu_baseline, build.cpu_resolved) == ("native", "auto", "native")
+    assert f"{build.cpu_selftest_seconds:.2f}" == found.group(2) and build.cpu_faults == ()
+    assert "built for" not in converged["first"].output
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import re
 import pytest
 
 from llmhost import data_dir
-from llmhost.hostcheck import each
+from llmhost import hostcheck
+from llmhost.hostcheck import each, info_fields
 from llmhost.buildplan import system_info_fa_pairs
 
 # The same check the deploy's health gate runs on the host (files/gpu_check.py), sent as source.
@@ -66,19 +67,8 @@ def system_info(host, manifest, gpus) -> str:
     server = manifest.llama_cpp.server
     key = (id(host), server)
     if key not in _system_info_cache:
-        # Printed before the model loads: a model that does not exist is enough; port 0.
-        result = host.run("timeout 120 %s -lv 4 --host 127.0.0.1 --port 0 "
-                          "--model /nonexistent/llmhost-probe.gguf 2>&1", server)
-        lines = [line for line in result.stdout.splitlines() if "system_info:" in line]
-        if not lines:
-            pytest.fail(f"{server} printed no system_info line: {result.stdout[-500:]}")
-        _system_info_cache[key] = lines[-1].split("system_info:", 1)[1]
+        _system_info_cache[key] = hostcheck.system_info(host, server)
     return _system_info_cache[key]
-
-
-def info_fields(line: str) -> dict[str, str]:
-    """KEY = VALUE fields of a system_info line."""
-    return {k: v.strip() for k, v in re.findall(r"(\w+) = ([^|]+)", line)}
 
 
 def test_build_has_the_manifest_commit_and_flags(host, manifest):

@@ -9,7 +9,8 @@ import shlex
 
 import pytest
 
-from llmhost.hostcheck import each, http, main_pid
+from llmhost.buildplan import cpu_baseline_features
+from llmhost.hostcheck import each, http, info_fields, main_pid, system_info
 from llmhost.remote import HELPER_DIR
 
 
@@ -241,3 +242,25 @@ def test_build_files_are_as_verified(host, manifest):
     found = json.loads(host.run("python3 -c %s %s", script, build).stdout)
     changed = sorted(n for n, v in record["files"].items() if found.get(n) != v)
     assert not changed, f"{build}: {', '.join(changed)} deleted or replaced since the build was verified"
+
+
+def test_build_runs_the_cpu_baseline_its_self_test_found(host, manifest):
+    """The build computed on this host's CPU before it was used (the build's CPU self-test),
+    for the baseline the manifest records, and the binary is compiled for that baseline (its
+    system_info lists that baseline's instructions and none above it)."""
+    build = manifest.llama_cpp
+    assert build.cpu_resolved, (f"the manifest records no CPU baseline for {build.build_dir}: "
+                                f"it was never self-tested on this CPU (redeploy)")
+    if build.cpu_baseline != "auto":
+        assert build.cpu_resolved == build.cpu_baseline, \
+            f"llm_cpu_baseline pins {build.cpu_baseline}, but the build is for {build.cpu_resolved}"
+    record = json.loads(host.file(f"{build.build_dir}/.llmhost-build.json").content_string)
+    cpu = record.get("cpu") or {}
+    assert (cpu.get("baseline"), tuple(cpu.get("flags", ()))) == (build.cpu_resolved, build.cpu_flags), \
+        (f"{build.build_dir}: built for {cpu.get('baseline')} {cpu.get('flags')}, the manifest "
+         f"says {build.cpu_resolved} {list(build.cpu_flags)}")
+    fields = info_fields(system_info(host, build.server))
+    wrong = [f"{feature} = {fields.get(feature, 'absent')} (expected {'1' if wanted else 'absent'})"
+             for feature, wanted in cpu_baseline_features(build.cpu_resolved).items()
+             if (fields.get(feature) == "1") != wanted]
+    assert not wrong, f"{build.server} is not compiled for {build.cpu_resolved}: {'; '.join(wrong)}"
