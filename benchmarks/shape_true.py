@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import sys
 import time
@@ -113,29 +114,23 @@ def synthetic_vocab(n_vocab: int, n_regular: int, specials: tuple[str, ...], pre
     built letter by letter (each with its merge, so BPE really merges them: n_regular - 256
     merges, as many as a real vocabulary of that size has), then the special tokens
     (<|endoftext|>, <|im_start|>, <|im_end|>, ... at the real ids), then [PAD] up to n_vocab."""
-    tokens = _byte_chars()
-    merges: list[str] = []
     letters = [chr(c) for c in (*range(ord("a"), ord("z") + 1), *range(ord("A"), ord("Z") + 1))]
-    level = ["\u0120" + c for c in letters] + letters  # Ġ is the byte-level space
-    while len(tokens) < n_regular:
-        for word in level:
-            if len(tokens) == n_regular:
-                break
-            tokens.append(word)
-            merges.append(f"{word[:-1]} {word[-1]}")
-        level = [w + c for w in level for c in letters]
-    types = [gguf.TokenType.NORMAL] * n_regular
-    tokens += specials
-    types += [gguf.TokenType.CONTROL] * len(specials)
-    pads = n_vocab - len(tokens)
-    tokens += [f"[PAD{i}]" for i in range(pads)]
-    types += [gguf.TokenType.UNUSED] * pads
+    level, words = ["\u0120", *letters], []  # Ġ is the byte-level space
+    while len(words) < n_regular - 256:
+        level = list(itertools.islice((w + c for w in level for c in letters),
+                                      n_regular - 256 - len(words)))
+        words += level
+    merges = [f"{w[:-1]} {w[-1]}" for w in words]
+    pads = n_vocab - n_regular - len(specials)
+    tokens = [*_byte_chars(), *words, *specials, *(f"[PAD{i}]" for i in range(pads))]
+    types = ([gguf.TokenType.NORMAL.value] * n_regular + [gguf.TokenType.CONTROL.value] * len(specials)
+             + [gguf.TokenType.UNUSED.value] * pads)
     endoftext, im_end = n_regular, n_regular + 2
     return (
         KV("tokenizer.ggml.model", "gpt2", V.STRING),
         KV("tokenizer.ggml.pre", pre, V.STRING),
         KV("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
-        KV("tokenizer.ggml.token_type", [int(t) for t in types], V.ARRAY, V.INT32),
+        KV("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
         KV("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
         KV("tokenizer.ggml.eos_token_id", im_end, V.UINT32),
         KV("tokenizer.ggml.padding_token_id", endoftext, V.UINT32),
