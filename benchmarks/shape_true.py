@@ -704,14 +704,15 @@ def write(r: Recipe, path: Path, seed: int = 0, threads: int | None = None,
         if t.shape[0] % block:
             raise ValueError(f"{r.name}: {t.name} has rows of {t.shape[0]}, not a multiple of "
                              f"{t.qtype.name}'s block of {block}")
-    writer = gguf.GGUFWriter(path, r.arch)
+    partial = path.with_name(path.name + ".partial")  # renamed into place once complete
+    writer = gguf.GGUFWriter(partial, r.arch)
     for k in r.kv:
         writer.add_key_value(k.key, k.value, k.vtype, sub_type=k.sub)
     for t in r.tensors:
         # numpy order (slowest first); the writer stores it reversed, as ggml's ne0 first
         writer.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes,
                                raw_dtype=t.qtype)
-    writer.write_header_to_file(path)
+    writer.write_header_to_file(partial)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     assert writer.fout is not None
@@ -733,6 +734,7 @@ def write(r: Recipe, path: Path, seed: int = 0, threads: int | None = None,
                 progress(f"{index + 1}/{len(r.tensors)} tensors, {done / 1e9:.2f} GB, "
                          f"{time.monotonic() - started:.1f} s")
     writer.close()
+    partial.rename(path)
     return path.stat().st_size
 
 
