@@ -127,3 +127,21 @@ def test_mid_size_truncation_keeps_layer_types():
     assert r.attn_layers == 2 and r.name.endswith("@8")
     assert {k.value for k in r.kv if k.key == "qwen35moe.block_count"} == {8}
     assert not any(t.name.startswith("blk.8.") for t in r.tensors)
+
+
+@pytest.mark.parametrize("name", st.RECIPES)
+def test_vocabulary_loads_in_llama_cpp(name):
+    """llama.cpp asserts one id per token text (llama-vocab.cpp: id_to_token.size() ==
+    token_to_id.size()); every merge joins two tokens into a third, so BPE really merges; the
+    vocabulary is as large as the embedding; eos is <|im_end|>."""
+    r = st.recipe(name)
+    kv = {k.key: k.value for k in r.kv}
+    tokens, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.merges"]
+    assert len(set(tokens)) == len(tokens)
+    known = set(tokens)
+    for merge in merges:
+        left, right = merge.split(" ")
+        assert left in known and right in known and left + right in known, merge
+    embd = next(t for t in r.tensors if t.name == "token_embd.weight")
+    assert embd.shape[1] == len(tokens) == len(kv["tokenizer.ggml.token_type"])
+    assert tokens[kv["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
