@@ -14,6 +14,9 @@ payload bytes); the tokenizer has the real vocabulary size with synthetic tokens
 Needs numpy and the `gguf` package (llama.cpp's own GGUF library, PyPI `gguf` 0.19.0, the
 version of gguf-py in the pinned source; `import gguf` also imports PyYAML).
 
+Sizes: the guide's "19 GB" and "16 GB" are read as GiB (the unit llama.cpp prints at load); see
+ud_q4_k_xl() and q4_k_m_qwen35() for the per-tensor types and where they come from.
+
 The file is written as llama.cpp reads it: header, KV and tensor infos first, then one tensor at
 a time in chunks (random bytes, block scale fields overwritten), so memory stays bounded and a
 19 GB file takes about as long as the disk needs.
@@ -364,8 +367,9 @@ def ud_q4_k_xl(role: str, il: int) -> T:
     4-bit base type; attn_* of hybrid models and ssm_out "very sensitive", kept high (Q8_0, as
     AesSedai's Q4_K_M of this model keeps always-active tensors); shared experts always active,
     Q8_0; output Q6_K and token_embd Q4_K as llama-quantize's Q4_K_* defaults. This mix makes
-    20.40e9 bytes = 19.0 GiB, the size strix-benchmarks reports for the fixed UD-Q4_K_XL and the
-    guide's "19 GB"."""
+    20.43e9 bytes = 19.02 GiB: the size strix-benchmarks reports for the fixed UD-Q4_K_XL
+    (19 GiB) and the guide's "19 GB" read as GiB (read as 10^9 bytes it would be 7.5% over; the
+    earlier, MXFP4-heavy UD-Q4_K_XL was smaller)."""
     if role.endswith("_exps") or role == "token_embd":
         return T.Q4_K
     if role == "output":
@@ -378,7 +382,8 @@ def ud_q4_k_xl(role: str, il: int) -> T:
 def q4_k_m_qwen35(n_layer: int) -> Policy:
     """llama-quantize Q4_K_M at the pin (src/llama-quant.cpp: llama_tensor_get_type_impl) for a
     dense qwen35 model, plus the two upcasts that published Q4_K_M files of Qwen3.5 make
-    (bartowski's model card: ssm_alpha/ssm_beta to F32, ssm_out to Q8_0 "for the bigger quants").
+    (bartowski's Qwen3.5 model cards: ssm_alpha/ssm_beta to F32, ssm_out to Q8_0 "for the bigger
+    quants"; Unsloth's per-tensor list for its Q4_K_M was not found).
     attn_qkv (linear layers) and attn_v (full layers) share llama-quantize's attn_v counter, one
     per layer, so both follow use_more_bits(layer)."""
     def policy(role: str, il: int) -> T:
@@ -406,7 +411,8 @@ def q4_k_m_qwen35(n_layer: int) -> Policy:
 # mrope_section [11, 11, 10]}, rms_norm_eps 1e-6, max_position_embeddings 262144, vocab_size 248320,
 # tie_word_embeddings false. Read from copies of that config.json in public code (the Hub itself
 # is not reachable from here); Qwen3.6-35B-A3B's config has the same values. bos/eos_token_id
-# 248044 = <|endoftext|>, so 248044 regular tokens; the tokenizer has 248070 entries (26 specials).
+# 248044 = <|endoftext|>, so 248044 regular tokens; 248070 tokenizer entries (26 specials) as a
+# public spec test of this model states ("real_vocab=248070"); the names past <|im_end|> are not.
 # Published GGUFs (unsloth/Qwen3.5-35B-A3B-GGUF) have 40 blocks: the MTP layer is not converted.
 QWEN35_35B_A3B = Qwen35(
     n_layer=40, n_embd=2048, n_head=16, n_head_kv=2, head_dim=256, n_vocab=248_320,
@@ -426,8 +432,9 @@ QWEN35_27B = Qwen35(
 
 # Qwen/Qwen2.5-1.5B-Instruct config.json: hidden_size 1536, num_hidden_layers 28,
 # num_attention_heads 12, num_key_value_heads 2, intermediate_size 8960, vocab_size 151936,
-# rope_theta 1e6, rms_norm_eps 1e-6, max_position_embeddings 32768. Tokenizer: 151643 regular
-# tokens (151387 merges), 22 specials from <|endoftext|> = 151643, padded to 151936.
+# rope_theta 1e6, rms_norm_eps 1e-6, max_position_embeddings 32768. Tokenizer (Qwen2's): 151643
+# regular tokens (151387 merges), 22 specials from <|endoftext|> = 151643, padded to 151936.
+# The real Q8_0 file's 1,894,532,128 bytes = these tensors (with output.weight) + ~6 MB of KV.
 QWEN25_1_5B = Qwen2(n_layer=28, n_embd=1536, n_head=12, n_head_kv=2, n_ff=8960,
                     n_vocab=151_936, n_regular=151_643, n_specials=22)
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import gguf  # the test extra installs it (pyproject.toml)
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")  # the test extra installs it
-
-from benchmarks import shape_true as st  # noqa: E402
+from benchmarks import shape_true as st
 
 TINY = [name for name in st.RECIPES if name.startswith("tiny-")]
 
