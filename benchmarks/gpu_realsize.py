@@ -89,10 +89,9 @@ def make(args) -> int:
         if path.exists() and digest_file.exists():
             return f"{path.name}: present"
         started = time.monotonic()
+        # The writer writes PATH.partial and renames it when whole.
         subprocess.run([sys.executable, "-m", "benchmarks.shape_true", "write", RECIPES[role],
-                        str(path) + ".partial", "--seed", "1"], check=True, cwd=gs.REPO,
-                       env=gs._env())
-        os.replace(str(path) + ".partial", path)
+                        str(path), "--seed", "1"], check=True, cwd=gs.REPO, env=gs._env())
         written = time.monotonic() - started
         digest_file.write_text(gs.sha256(path) + "\n")
         return (f"{path.name}: {path.stat().st_size / 1e9:.2f} GB written in {written:.1f}s, "

@@ -60,8 +60,8 @@ REHEARSAL = os.environ.get("LLMHOST_GPU_REHEARSAL") == "1"
 # what it has (click, jinja2, requests, pytest, packaging, ...) is used as it is there.
 WHEELS = ("pyinfra==3.10.0", "pytest-testinfra==10.2.2")
 # benchmarks/gpu_realsize.py writes its models there with llama.cpp's GGUF library (pure Python;
-# numpy, pyyaml and tqdm are on the machine).
-REALSIZE_WHEELS = ("gguf==0.17.1",)
+# numpy and PyYAML are on the machine).
+REALSIZE_WHEELS = ("gguf==0.19.0",)
 ON_DEVICE = {"click", "jinja2", "markupsafe", "python_dateutil", "six", "packaging", "requests",
              "urllib3", "idna", "certifi", "charset_normalizer", "pytest", "pluggy", "iniconfig",
              "pygments", "typing_extensions", "setuptools", "numpy", "pyyaml", "tqdm", "requests"}
