@@ -17,17 +17,19 @@ Here (the development machine; needs the test caches, as gpu_sandbox):
 
     python -m benchmarks.gpu_sandbox pack --realsize   # rootfs, llama.cpp, wheels (one call)
 
-There, calls back to back (each phase powers the host off at its end, so each later phase
-begins with a reboot of the deployed host):
+There, calls back to back (the machine keeps /var/tmp while warm, 30 s after a call):
 
-    python3 -m benchmarks.gpu_realsize make     # receive, shape-true models, device bandwidth
-    python3 -m benchmarks.gpu_realsize up       # cold deploy of both services, rerun, verify
-    python3 -m benchmarks.gpu_realsize safety   # reboot to first answer; uvm removed + restart;
-                                                # kill -9; a GPU service off its GPU found and
-                                                # repaired by verify + deploy; --device without
-                                                # a GPU; switch and forced rollback, outage
-    python3 -m benchmarks.gpu_realsize tables   # the guide's tables as ratios, dense vs MoE,
-                                                # decode against the bandwidth limit
+    python3 -m benchmarks.gpu_realsize start    # receive; the models are written in the
+                                                # background (setsid) while pieces arrive
+    python3 -m benchmarks.gpu_sandbox receive   # the middle pieces
+    python3 -m benchmarks.gpu_realsize up       # receive; boot; cold deploy of both services,
+                                                # zero-change rerun, verify
+    python3 -m benchmarks.gpu_realsize prove    # a reboot to first answers; uvm removed and
+                                                # restart; kill -9; a GPU service off its GPU
+                                                # named by verify, repaired by the deploy;
+                                                # --device with no GPU; the guide's tables
+                                                # (llmhost-bench, llama-bench); a switch and a
+                                                # forced rollback under a polling client
 
 LLMHOST_GPU_REHEARSAL=1 runs it all on a machine without a GPU with the tiny recipes (every
 service on the CPU), to find mistakes before device time is spent.
@@ -36,7 +38,6 @@ service on the CPU), to find mistakes before device time is spent.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -76,17 +77,15 @@ def model_path(role: str) -> Path:
 
 # =========================================================================== make
 
-def make(args) -> int:
-    """Receive the carried pieces, write the three shape-true models (sha256 beside each), and
-    measure the GPU's memory bandwidth with a device-to-device copy."""
-    gs.receive()
-    gs._install_wheels()
+def make_models(args) -> int:
+    """Write the shape-true models (sha256 beside the served ones), then measure the GPU's
+    memory bandwidth. Run in the background by `start`; its lines go to WORK/make.log."""
     MODELS.mkdir(parents=True, exist_ok=True)
 
     def write(role: str) -> str:
         path = model_path(role)
         digest_file = path.with_suffix(".sha256")
-        if path.exists() and digest_file.exists():
+        if digest_file.exists():
             return f"{path.name}: present"
         started = time.monotonic()
         # The writer writes PATH.partial and renames it when whole.
@@ -97,17 +96,44 @@ def make(args) -> int:
         return (f"{path.name}: {path.stat().st_size / 1e9:.2f} GB written in {written:.1f}s, "
                 f"hashed in {time.monotonic() - started - written:.1f}s")
 
-    with ThreadPoolExecutor(3) as pool:
-        for line in pool.map(write, RECIPES):
+    # The served ones first: the deploy waits for them, the dense model only for the tables.
+    with ThreadPoolExecutor(2) as pool:
+        for line in pool.map(write, ("moe", "translator")):
             say(f"make: {line}")
+    say(f"make: {write('dense')}")
     describe = subprocess.run([sys.executable, "-m", "benchmarks.shape_true", "describe",
                                *RECIPES.values()], capture_output=True, text=True, cwd=gs.REPO,
                               env=gs._env())
-    (OUT / "shape-true-describe.txt").write_text(describe.stdout + describe.stderr)
-    say(f"make: describe:\n{describe.stdout.strip()}")
+    (WORK / "shape-true-describe.txt").write_text(describe.stdout + describe.stderr)
     if not REHEARSAL:
         bandwidth()
+    say("make: done")
     return 0
+
+
+def start(args) -> int:
+    """Receive, install the wheels, and start make_models in its own session: it runs on while
+    the next calls carry the rest (the machine stays while calls follow within 30 s)."""
+    gs.receive()
+    gs._install_wheels()
+    log = open(WORK / "make.log", "ab")
+    subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_realsize", "make-models"],
+                     cwd=gs.REPO, env=gs._env(), stdout=log, stderr=subprocess.STDOUT,
+                     start_new_session=True)
+    say("start: writing the models in the background (WORK/make.log)")
+    return 0
+
+
+def wait_for_models(roles: tuple[str, ...], timeout: float) -> bool:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if all(model_path(r).with_suffix(".sha256").exists() for r in roles):
+            say(f"models {', '.join(roles)} ready (waited {time.monotonic() - started:.0f}s)")
+            return True
+        time.sleep(2)
+    say(f"models {', '.join(roles)} NOT ready after {timeout:.0f}s: "
+        f"{(WORK / 'make.log').read_text()[-1500:] if (WORK / 'make.log').exists() else 'no make.log'}")
+    return False
 
 
 def bandwidth() -> None:
@@ -123,7 +149,7 @@ def bandwidth() -> None:
               "print(json.dumps({'bytes':n,'seconds':best,'read_write_GBps':2*n/best/1e9,"
               "'device':torch.cuda.get_device_name(0)}))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    (OUT / "bandwidth.json").write_text(result.stdout or result.stderr)
+    (WORK / "bandwidth.json").write_text(result.stdout or result.stderr)
     say(f"bandwidth: {result.stdout.strip() or result.stderr.strip()[-500:]}")
 
 
@@ -175,6 +201,8 @@ def inventory(host, main_changes: dict | None = None, name: Path = INVENTORY) ->
 def up(args) -> int:
     gs.receive()
     gs._install_wheels()
+    if not wait_for_models(("moe", "translator"), 240):
+        return 1
     commit = (WORK / "commit.txt").read_text().strip() if (WORK / "commit.txt").exists() else "?"
     say(f"realsize up: llmhost wheel of commit {commit}; {gs._sh_here('nvidia-smi -L')}")
     with gs.booted() as host:
@@ -202,7 +230,38 @@ def startup_lines(host) -> None:
     say(f"journal (load/lock):\n{text.strip()}")
 
 
-# =========================================================================== safety
+# =========================================================================== prove
+
+def prove(args) -> int:
+    """One call (device time is short): the safety cases, the guide's tables, then a switch and
+    a forced rollback of main. Each step says what it saw in summary.txt; figures go to
+    tables.json; the deploy and verify logs beside it."""
+    from tests.support.health import HealthPoller
+
+    gs.receive()
+    gs._install_wheels()
+    booted_at = time.monotonic()
+    tables: dict = {"recipes": RECIPES}
+    with gs.booted() as host:
+        # 1. A reboot (every call boots the host anew): both services come back by themselves.
+        main_s = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
+        translate_s = first_answer(TRANSLATE_PORT, "/etc/llama/keys/translate.key", host, 120)
+        say(f"reboot: main answered {time.monotonic() - booted_at:.1f}s after the boot began "
+            f"({main_s:.1f}s after sshd), translate {translate_s:.1f}s after main; main "
+            f"{on_gpu(host)}")
+        tables["reboot"] = {"main_first_answer_s": main_s, "translate_first_answer_s": translate_s}
+        if not REHEARSAL:
+            uvm_removed(host)
+        killed(host)
+        if not REHEARSAL:
+            off_gpu_repaired(host, INVENTORY)
+            device_guard(host)
+        tables.update(guide_tables(host))
+        (OUT / "tables.json").write_text(json.dumps(tables, indent=1))
+        tables["switches"] = switch_and_rollback(host, HealthPoller)
+        (OUT / "tables.json").write_text(json.dumps(tables, indent=1))
+    return 0
+
 
 def first_answer(port: int, key_file: str, host, timeout: float) -> float:
     """Seconds until a one-token completion answers 200 (the key read on the host)."""
@@ -229,66 +288,50 @@ def on_gpu(host) -> str:
     return f"{evidence['ok']}: {evidence['reason']}"
 
 
-def no_gpu_lines(host, since: str) -> str:
-    """Journal lines of llama-main since ``since`` that say it found no GPU, and whether any
-    process of the unit then listened (it must not)."""
+def journal_since(host, since: str) -> str:
+    """llama-main's lines since ``since`` that say whether it found its GPU and listened."""
     text = gs._sh(host, f"journalctl -u llama-main --since '{since}' --no-pager -o cat | grep -E "
-                        f"'no usable GPU found|invalid device|server is listening|nvidia-uvm' || true")
-    return " | ".join(line.strip() for line in text.splitlines()[-8:])
+                        f"'no usable GPU found|invalid device|server is listening|nvidia-uvm:' || true")
+    return " | ".join(line.strip() for line in text.splitlines()[-6:])
 
 
 def host_time(host) -> str:
     return gs._sh(host, "date '+%Y-%m-%d %H:%M:%S'").strip()
 
 
-def safety(args) -> int:
-    from tests.support.health import HealthPoller
+def uvm_removed(host) -> None:
+    """Issue 19's case: /dev/nvidia-uvm removed, then a restart outside the deploy."""
+    since = host_time(host)
+    gs._sh(host, "rm -f /dev/nvidia-uvm /dev/nvidia-uvm-tools && systemctl restart llama-main")
+    waited = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
+    say(f"uvm removed + restart: answered after {waited:.1f}s; main {on_gpu(host)}; journal: "
+        f"{journal_since(host, since)}; nodes now: {' '.join(gs._sh(host, 'ls /dev/nvidia-uvm*').split())}")
 
-    gs.receive()
-    gs._install_wheels()
-    booted_at = time.monotonic()
-    with gs.booted() as host:
-        path = INVENTORY
-        # 1. A reboot: both services come back by themselves; time to the first answer.
-        main_s = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
-        translate_s = first_answer(TRANSLATE_PORT, "/etc/llama/keys/translate.key", host, 300)
-        say(f"reboot: first answer of main {time.monotonic() - booted_at:.1f}s after the boot "
-            f"began (polled {main_s:.1f}s after sshd answered), translate {translate_s:.1f}s; "
-            f"main {on_gpu(host)}")
-        gs._verify(path, "safety-verify-reboot.log", "after a reboot")
-        if not REHEARSAL:
-            # 2. /dev/nvidia-uvm removed, then a restart outside the deploy (the case of issue 19).
-            since = host_time(host)
-            gs._sh(host, "rm -f /dev/nvidia-uvm /dev/nvidia-uvm-tools && systemctl restart llama-main")
-            waited = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
-            say(f"uvm removed + restart: answered after {waited:.1f}s; main {on_gpu(host)}; "
-                f"journal: {no_gpu_lines(host, since)}; nodes: "
-                f"{gs._sh(host, 'ls -l /dev/nvidia-uvm*').strip()}")
-        # 3. kill -9 of the main process: systemd restarts it, on its GPU.
-        since = host_time(host)
-        pid = gs._sh(host, "systemctl show -p MainPID --value llama-main").strip()
-        gs._sh(host, f"kill -9 {pid}")
-        waited = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
-        say(f"kill -9 {pid}: answered again after {waited:.1f}s (RestartSec=5 included); main "
-            f"{on_gpu(host)}; journal: {no_gpu_lines(host, since)}")
-        if not REHEARSAL:
-            off_gpu_repaired(host, path)
-            device_guard(host)
-        switch_and_rollback(host, path, HealthPoller)
-    return 0
+
+def killed(host) -> None:
+    since = host_time(host)
+    pid = gs._sh(host, "systemctl show -p MainPID --value llama-main").strip()
+    gs._sh(host, f"kill -9 {pid}")
+    waited = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
+    say(f"kill -9 {pid}: answered again after {waited:.1f}s (RestartSec=5 included); main "
+        f"{on_gpu(host)}; journal: {journal_since(host, since)}")
 
 
 RUNTIME_DROP_IN = "/run/systemd/system/llama-main.service.d/zz-off-gpu.conf"
 
 
+def main_argv(host) -> list[str]:
+    return [a for a in gs._sh(host, "cat /proc/$(systemctl show -p MainPID --value llama-main)/cmdline")
+            .split("\0") if a]
+
+
 def off_gpu_repaired(host, path: Path) -> None:
-    """A GPU service running off its GPU with its unit file as the deploy wrote it: a runtime
-    drop-in (what `systemctl edit --runtime` leaves; gone at the next boot) runs the argv without
-    --device and without the uvm step while /dev/nvidia-uvm is missing, then the drop-in is
-    removed without a restart. verify must name it; the next deploy must restart it onto its GPU
-    (only the GpuHeld fact can tell: the unit file and its state are as written)."""
-    argv = gs._sh(host, "cat /proc/$(systemctl show -p MainPID --value llama-main)/cmdline | tr '\\0' ' '")
-    words = argv.split()
+    """A GPU service running off its GPU while its unit file is as the deploy wrote it: a runtime
+    drop-in (what `systemctl edit --runtime` leaves; gone at the next boot) runs the argv
+    without --device and without the uvm step while /dev/nvidia-uvm is missing; the drop-in is
+    then removed without a restart. verify must name it; the next deploy must restart it onto
+    its GPU (only its GpuHeld fact can tell: the unit file and its state are as written)."""
+    words = main_argv(host)
     i = words.index("--device")
     without = " ".join(shlex.quote(w) for w in words[:i] + words[i + 2:])
     gs._sh(host, f"mkdir -p {os.path.dirname(RUNTIME_DROP_IN)} && printf '[Service]\\nExecStartPre=\\n"
@@ -298,86 +341,71 @@ def off_gpu_repaired(host, path: Path) -> None:
     waited = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 300)
     gs._sh(host, f"rm -f {RUNTIME_DROP_IN} && systemctl daemon-reload && "
                  f"python3 /usr/local/lib/llmhost/nvidia_uvm.py")
-    say(f"off-GPU: the old argv without --device answered after {waited:.1f}s; main "
-        f"{on_gpu(host)} (runtime drop-in removed, no restart)")
-    code = gs._verify(path, "safety-verify-off-gpu.log", "with main off its GPU")
-    say(f"off-GPU: verify exit {code} (1 expected, naming it)")
-    repair = gs._deploy(path, "safety-repair.log", "repair of a GPU service off its GPU")
+    say(f"off-GPU: the argv without --device, uvm missing, answered after {waited:.1f}s; main "
+        f"{on_gpu(host)} (the runtime drop-in removed, no restart)")
+    named = subprocess.run([sys.executable, "-m", "llmhost.verify", str(path), "--quiet", "--",
+                            "-k", "gpu_services_run_on_their_gpus"], cwd=WORK, env=gs._env(),
+                           capture_output=True, text=True)
+    say(f"off-GPU: verify (the GPU check) exit {named.returncode}: "
+        f"{named.stdout.split('per-host summary ==')[-1].strip()[:600]}")
+    repair = gs._deploy(path, "prove-repair.log", "repair of a GPU service off its GPU")
     lines = [line.strip() for line in repair.output.splitlines()
              if "not on its GPUs" in line or "healthy after" in line]
     say(f"off-GPU: deploy exit {repair.returncode}, changed {repair.changed_operations}; "
         f"{' | '.join(lines)}; main {on_gpu(host)}")
-    gs._verify(path, "safety-verify-repaired.log", "after the repair")
+    gs._verify(path, "prove-verify.log", "after the repair (the full host suite)")
 
 
 def device_guard(host) -> None:
-    """What the pinned llama-server does given --device CUDA0 and no usable GPU: exit (run by
-    hand with the GPUs hidden), where -ngl alone warns and serves from the CPU."""
-    argv = gs._sh(host, "cat /proc/$(systemctl show -p MainPID --value llama-main)/cmdline | tr '\\0' ' '")
-    words = argv.split()
+    """What the pinned llama-server does given --device CUDA0 and no usable GPU: run by hand as
+    the service user with the GPUs hidden (CUDA_VISIBLE_DEVICES empty)."""
+    words = main_argv(host)
     words[words.index("--port") + 1] = str(HAND_PORT)
     command = " ".join(shlex.quote(w) for w in words)
     out = gs._sh(host, f"cd /tmp && CUDA_VISIBLE_DEVICES= timeout 60 runuser -u llama -- {command} "
                        f"> /tmp/guard.log 2>&1; echo exit=$?; grep -E 'invalid device|no usable GPU|"
-                       f"listening' /tmp/guard.log | head -5")
-    say(f"--device with the GPU hidden: {' | '.join(out.split(chr(10)))}")
+                       f"listening' /tmp/guard.log | head -3")
+    say(f"--device CUDA0 with the GPU hidden: {' | '.join(out.strip().splitlines())}")
 
 
-def switch_and_rollback(host, path: Path, poller_cls) -> None:
-    """A switch of main (parallel 4 -> 2) and a forced rollback (a flag --help lists whose file
-    does not exist: the new process exits), each under a client polling /health."""
-    for label, changes in (("switch (parallel 2)", {"parallel": 2}),
-                           ("forced rollback (--lora of a missing file)",
-                            {"parallel": 2, "extra_args": ["--lora", "/nonexistent.gguf"]}),
-                           ("switch back (parallel 4)", {})):
-        poller = poller_cls(MAIN_PORT)
-        poller.start()
-        result = gs._deploy(inventory(host, changes, WORK / "realsize-change.py"),
-                            "safety-switch.log", label)
-        time.sleep(1)
-        poller.stop()
-        windows = [round(seconds, 1) for _, seconds in poller.outages()]
-        lines = [line.strip() for line in result.output.splitlines()
-                 if "healthy after" in line or "ROLLED BACK" in line or "not healthy" in line]
-        say(f"{label}: exit {result.returncode}; /health outages seen by a client {windows} s; "
-            f"{' | '.join(lines)}")
-    inventory(host)  # the inventory file as deployed
+# --------------------------------------------------------------------------- the guide's tables
+
+def guide_tables(host) -> dict:
+    """llmhost-bench on main (decode at 1/2/4, served vs tg128 alternated, the K/V sweep over
+    the compiled pairs), llama-bench for iq4_nl (no kernel in ggml), prefill at the guide's
+    contexts with the GPU's memory sampled, the dense model's tg128 and served decode."""
+    out = {"bench": bench_main()}
+    moe = placed_path("moe")
+    out["iq4_nl"] = llama_bench(host, moe, "-p", "512", "-n", "128", "-r", "1", "-ctk", "iq4_nl",
+                                "-ctv", "iq4_nl")
+    say(f"iq4_nl/iq4_nl: {rates(out['iq4_nl'])}")
+    out["prefill"] = prefill(host, moe)
+    if wait_for_models(("dense",), 60):
+        out["dense"] = dense(host)
+    bandwidth_file = WORK / "bandwidth.json"
+    out["bandwidth"] = json.loads(bandwidth_file.read_text()) if bandwidth_file.exists() else None
+    out["describe"] = (WORK / "shape-true-describe.txt").read_text() \
+        if (WORK / "shape-true-describe.txt").exists() else None
+    return out
 
 
-# =========================================================================== tables
-
-def tables(args) -> int:
-    """llmhost-bench on main (decode at 1/2/4, the engine ceiling, the K/V sweep), llama-bench
-    for prefill at the guide's contexts (GPU memory sampled) and for the dense model, served
-    decode of the dense model by hand, and decode against the measured bandwidth."""
-    gs.receive()
-    gs._install_wheels()
-    with gs.booted() as host:
-        gs._wait_healthy(MAIN_PORT, 300, "main after the boot")
-        bench_main()
-        prefill(host)
-        dense(host)
-    return 0
-
-
-def bench_main() -> None:
+def bench_main() -> dict | None:
     out = WORK / "bench"
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "llmhost.bench", str(INVENTORY), "--service", "main", "--out", str(out),
-         "--kv-sweep", "--decode-tokens", "256", "--rounds", "3", "--parallel", "1", "2", "4",
-         "--bench-repetitions", "3", "--ceiling-pairs", "3", "--needle-max", "9000",
-         "--time-budget", "300"],
-        cwd=WORK, env=gs._env(), capture_output=True, text=True, timeout=420)
-    (OUT / "tables-bench.log").write_text(result.stdout + result.stderr)
-    say(f"bench: exit {result.returncode} in {time.monotonic() - started:.1f}s")
-    for name in ("report.md", f"{gs.SANDBOX}.json"):
-        if (out / name).exists():
-            (OUT / f"tables-bench-{name}").write_bytes((out / name).read_bytes())
+         "--kv-sweep", "--decode-tokens", "256", "--rounds", "1", "--parallel", "1", "2", "4",
+         "--bench-repetitions", "1", "--ceiling-pairs", "2", "--needle-max", "9000",
+         "--time-budget", "200"],
+        cwd=WORK, env=gs._env(), capture_output=True, text=True, timeout=300)
+    (OUT / "prove-bench.log").write_text(result.stdout + result.stderr)
+    say(f"llmhost-bench on main: exit {result.returncode} in {time.monotonic() - started:.1f}s")
+    found = out / f"{gs.SANDBOX}.json"
+    return json.loads(found.read_text()) if found.exists() else None
 
 
 def llama_bench(host, model: str, *flags: str, timeout: float = 300) -> list[dict]:
-    """llama-bench (the deployed build) inside the host, JSON rows."""
+    """llama-bench of the deployed build, inside the host: its JSON rows."""
     bench = json.loads(gs._sh(host, "cat /etc/llama/llmhost.json"))["llama_cpp"]["bench"]
     ngl = "0" if REHEARSAL else "99"
     command = f"{bench} -m {shlex.quote(model)} -ngl {ngl} -fa 1 -o json {' '.join(flags)}"
@@ -389,94 +417,114 @@ def llama_bench(host, model: str, *flags: str, timeout: float = 300) -> list[dic
         return []
 
 
-def placed_path(host, role: str) -> str:
+def rates(rows: list[dict]) -> str:
+    return ", ".join(f"{'tg' if r.get('n_gen') else 'pp'}{r.get('n_gen') or r.get('n_prompt')} "
+                     f"{r.get('avg_ts', 0):.1f} tok/s" for r in rows)
+
+
+def placed_path(role: str) -> str:
     digest = model_path(role).with_suffix(".sha256").read_text().strip()
     return f"/var/lib/llama-models/local-{digest[:12]}/{model_path(role).name}"
 
 
-def prefill(host) -> None:
-    """Prefill time and GPU memory at the guide's contexts: one prompt of N tokens each
-    (llama-bench -p N -n 0, K=q4_0 V=q8_0 as the service), the GPU's used memory sampled."""
+def gpu_used_mib() -> int | None:
+    used = gs._sh_here("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits").strip()
+    return int(used) if used.isdigit() else None
+
+
+def prefill(host, model: str) -> list[dict]:
+    """One prompt of N tokens each (llama-bench -p N -n 0, K=q4_0 V=q8_0 as the service), the
+    GPU's used memory sampled every 0.2 s."""
     rows = []
     for n in CONTEXTS:
         peak, stop = [0], threading.Event()
 
         def sample():
             while not stop.is_set():
-                used = gs._sh_here("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits")
-                if used.strip().isdigit():
-                    peak[0] = max(peak[0], int(used.strip()))
+                peak[0] = max(peak[0], gpu_used_mib() or 0)
                 time.sleep(0.2)
 
-        before = gs._sh_here("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits")
+        before = gpu_used_mib()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        found = llama_bench(host, placed_path(host, "moe"), "-p", str(n), "-n", "0", "-r", "1",
-                            "-ctk", "q4_0", "-ctv", "q8_0", "-ub", "512")
+        found = llama_bench(host, model, "-p", str(n), "-n", "0", "-r", "1", "-ctk", "q4_0",
+                            "-ctv", "q8_0")
         stop.set()
         sampler.join()
         if found:
-            seconds = n / found[0]["avg_ts"]
-            rows.append({"tokens": n, "prefill_s": seconds, "tok_s": found[0]["avg_ts"],
-                         "gpu_mib_before": int(before) if before.strip().isdigit() else None,
-                         "gpu_mib_peak": peak[0]})
-            say(f"prefill {n} tokens: {seconds:.2f}s ({found[0]['avg_ts']:.0f} tok/s), GPU memory "
-                f"peak {peak[0]} MiB (before {before.strip()} MiB)")
-    (OUT / "tables-prefill.json").write_text(json.dumps(rows, indent=1))
+            row = {"tokens": n, "prefill_s": n / found[0]["avg_ts"], "tok_s": found[0]["avg_ts"],
+                   "gpu_mib_before": before, "gpu_mib_peak": peak[0]}
+            rows.append(row)
+            say(f"prefill {n} tokens: {row['prefill_s']:.2f}s ({row['tok_s']:.0f} tok/s); GPU "
+                f"memory {before} MiB before, {peak[0]} MiB at the peak")
+    return rows
 
 
-def dense(host) -> None:
-    """The dense model: llama-bench tg128/pp512, and served decode at 1 request by hand with
-    the service's flags (the deployed build), alternated with tg128."""
-    model = placed_path(host, "dense")
+def dense(host) -> dict:
+    """The dense model (hard-linked into the host): llama-bench pp512/tg128, and decode at one
+    request served by llama-server by hand with main's flags."""
     preplace(host, "dense")
-    rows = llama_bench(host, model, "-p", "512", "-n", "128", "-r", "3", "-ctk", "q4_0",
+    model = placed_path("dense")
+    rows = llama_bench(host, model, "-p", "512", "-n", "128", "-r", "2", "-ctk", "q4_0",
                        "-ctv", "q8_0")
-    moe = llama_bench(host, placed_path(host, "moe"), "-p", "512", "-n", "128", "-r", "3",
-                      "-ctk", "q4_0", "-ctv", "q8_0")
-    # The guide's slow row: iq4_nl has no flash-attention kernel in ggml (the bench's sweep
-    # skips pairs the build did not compile); at the pin it is converted to f16 as it runs.
-    iq4_nl = llama_bench(host, placed_path(host, "moe"), "-p", "512", "-n", "128", "-r", "1",
-                         "-ctk", "iq4_nl", "-ctv", "iq4_nl")
-    served_dense = served_by_hand(host, model)
-    result = {"dense": rows, "moe": moe, "moe_iq4_nl": iq4_nl, "served_dense_1": served_dense}
-    (OUT / "tables-dense.json").write_text(json.dumps(result, indent=1))
-    tg = {name: next((r["avg_ts"] for r in found if r.get("n_gen")), None)
-          for name, found in (("dense", rows), ("moe", moe))}
-    say(f"tg128 dense {tg['dense']}, MoE {tg['moe']}; served dense at 1 request {served_dense}")
+    say(f"dense: {rates(rows)}")
+    return {"llama_bench": rows, "served_1": served_by_hand(host, model)}
 
 
 def served_by_hand(host, model: str) -> dict:
-    """llama-server on ``model`` with main's flags on another port, as the service user; decode
-    of 256 tokens at 1 request, 3 times."""
-    argv = gs._sh(host, "cat /proc/$(systemctl show -p MainPID --value llama-main)/cmdline | tr '\\0' ' '")
-    words = argv.split()
+    words = main_argv(host)
     words[words.index("--model") + 1] = model
     words[words.index("--port") + 1] = str(HAND_PORT)
-    if "--mmproj" in words:
-        i = words.index("--mmproj")
-        del words[i:i + 2]
     command = " ".join(shlex.quote(w) for w in words)
     gs._sh(host, f"cd /tmp && (setsid runuser -u llama -- {command} > /tmp/dense.log 2>&1 & "
                  f"echo $! > /tmp/dense.pid)")
     try:
-        if gs._wait_healthy(HAND_PORT, 300, "dense by hand") < 0:
+        if gs._wait_healthy(HAND_PORT, 240, "dense by hand") < 0:
             return {"error": gs._sh(host, "tail -5 /tmp/dense.log")}
         key = gs._sh(host, "cat /etc/llama/keys/main.key").strip()
         gs._completion_rate(HAND_PORT, key, 16)
-        rates = [gs._completion_rate(HAND_PORT, key, 256) for _ in range(3)]
-        return {"decode_tok_s": rates, "median": statistics.median(rates)}
+        found = [gs._completion_rate(HAND_PORT, key, 256) for _ in range(3)]
+        say(f"dense served by hand, 1 request of 256 tokens: {', '.join(f'{r:.1f}' for r in found)} tok/s")
+        return {"decode_tok_s": found, "median": statistics.median(found)}
     finally:
-        gs._sh(host, "pkill -f -- '--port %d' || true" % HAND_PORT)
+        gs._sh(host, "kill $(cat /tmp/dense.pid) 2>/dev/null; sleep 1; "
+                     "pkill -u llama -f -- '--port %d' || true" % HAND_PORT)
+
+
+# --------------------------------------------------------------------------- switch, rollback
+
+def switch_and_rollback(host, poller_cls) -> list[dict]:
+    """A switch of main (parallel 4 -> 2), a forced rollback (a flag --help lists whose file
+    does not exist: the new process exits), and back, each under a client polling /health."""
+    found = []
+    for label, changes in (("switch (parallel 2)", {"parallel": 2}),
+                           ("forced rollback (--lora of a missing file)",
+                            {"parallel": 2, "extra_args": ["--lora", "/nonexistent.gguf"]}),
+                           ("switch back (parallel 4)", {})):
+        poller = poller_cls(MAIN_PORT)
+        poller.start()
+        result = gs._deploy(inventory(host, changes, WORK / "realsize-change.py"),
+                            "prove-switch.log", label)
+        time.sleep(1)
+        poller.stop()
+        windows = [round(seconds, 1) for _, seconds in poller.outages()]
+        lines = [line.strip() for line in result.output.splitlines()
+                 if "healthy after" in line or "ROLLED BACK" in line or "not healthy" in line]
+        say(f"{label}: exit {result.returncode} in {result.seconds:.1f}s; /health outages seen by "
+            f"a client {windows} s; {' | '.join(lines)}")
+        found.append({"label": label, "exit": result.returncode, "seconds": result.seconds,
+                      "outages_s": windows, "lines": lines})
+    inventory(host)  # the inventory file as deployed last
+    return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", nargs="+", choices=["make", "up", "safety", "tables"])
+    parser.add_argument("phase", nargs="+", choices=["start", "make-models", "up", "prove"])
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    phases = {"make": make, "up": up, "safety": safety, "tables": tables}
+    phases = {"start": start, "make-models": make_models, "up": up, "prove": prove}
     code = 0
     for phase in args.phase:
         code = phases[phase](args) or code

@@ -337,16 +337,21 @@ def _sandbox(name: str = SANDBOX):
     state = workdir / "state.json"
     cuda = os.path.realpath("/usr/local/cuda")
     binds_ro = {} if REHEARSAL else {"/usr/local/nvidia": "/usr/local/nvidia", cuda: cuda}
+    # A rehearsal here shares the tests' ccache, so its CPU build is mostly cache hits.
+    binds = {}
+    if REHEARSAL:
+        from tests.support.deployment import shared_cache_binds
+        binds = shared_cache_binds()
     if state.exists():
         data = json.loads(state.read_text())
         return sandbox.SandboxHost(name=name, suite="bookworm", workdir=workdir,
                                    ssh_port=data["ssh_port"], key_path=workdir / "id_ed25519",
-                                   binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
+                                   binds=binds, binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
                                    login_user=LOGIN_USER)
     workdir.mkdir(parents=True)
     host = sandbox.SandboxHost(name=name, suite="bookworm", workdir=workdir,
                                ssh_port=sandbox.free_port(), key_path=workdir / "id_ed25519",
-                               binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
+                               binds=binds, binds_ro=binds_ro, tarball=WORK / "rootfs.tar.xz",
                                login_user=LOGIN_USER)
     host.prepare()
     root = host.root
