@@ -69,6 +69,7 @@ GUIDE_AGGREGATE = {1: 190, 2: 290, 4: 356}
 GUIDE_PREFILL_S = {9_000: 1.2, 53_000: 6.6, 107_000: 16.3, 178_000: 34.9}
 GUIDE_DENSE_OVER_MOE = 66 / 190
 CONTEXTS = (1_000, 2_000) if REHEARSAL else tuple(GUIDE_PREFILL_S)
+DENSE = os.environ.get("LLMHOST_REALSIZE_DENSE") == "1"
 
 
 def model_path(role: str) -> Path:
@@ -96,11 +97,12 @@ def make_models(args) -> int:
         return (f"{path.name}: {path.stat().st_size / 1e9:.2f} GB written in {written:.1f}s, "
                 f"hashed in {time.monotonic() - started - written:.1f}s")
 
-    # The served ones first: the deploy waits for them, the dense model only for the tables.
+    # The served ones; the dense model only with LLMHOST_REALSIZE_DENSE=1 (device time).
     with ThreadPoolExecutor(2) as pool:
         for line in pool.map(write, ("moe", "translator")):
             say(f"make: {line}")
-    say(f"make: {write('dense')}")
+    if DENSE:
+        say(f"make: {write('dense')}")
     describe = subprocess.run([sys.executable, "-m", "benchmarks.shape_true", "describe",
                                *RECIPES.values()], capture_output=True, text=True, cwd=gs.REPO,
                               env=gs._env())
@@ -343,9 +345,7 @@ def off_gpu_repaired(host, path: Path) -> None:
                  f"python3 /usr/local/lib/llmhost/nvidia_uvm.py")
     say(f"off-GPU: the argv without --device, uvm missing, answered after {waited:.1f}s; main "
         f"{on_gpu(host)} (the runtime drop-in removed, no restart)")
-    named = subprocess.run([sys.executable, "-m", "llmhost.verify", str(path), "--quiet", "--",
-                            "-k", "gpu_services_run_on_their_gpus"], cwd=WORK, env=gs._env(),
-                           capture_output=True, text=True)
+    named = gpu_check_by_verify(path)
     say(f"off-GPU: verify (the GPU check) exit {named.returncode}: "
         f"{named.stdout.split('per-host summary ==')[-1].strip()[:600]}")
     repair = gs._deploy(path, "prove-repair.log", "repair of a GPU service off its GPU")
@@ -353,7 +353,18 @@ def off_gpu_repaired(host, path: Path) -> None:
              if "not on its GPUs" in line or "healthy after" in line]
     say(f"off-GPU: deploy exit {repair.returncode}, changed {repair.changed_operations}; "
         f"{' | '.join(lines)}; main {on_gpu(host)}")
-    gs._verify(path, "prove-verify.log", "after the repair (the full host suite)")
+    after = gpu_check_by_verify(path)
+    say(f"off-GPU: verify (the GPU check) after the repair: exit {after.returncode}")
+
+
+def gpu_check_by_verify(path: Path) -> subprocess.CompletedProcess:
+    """llmhost-verify with only the host suite's GPU placement check (seconds, not a minute)."""
+    result = subprocess.run([sys.executable, "-m", "llmhost.verify", str(path), "--quiet", "--",
+                             "-k", "gpu_services_run_on_their_gpus"], cwd=WORK, env=gs._env(),
+                            capture_output=True, text=True)
+    with open(OUT / "prove-verify.log", "a") as log:
+        log.write(result.stdout + result.stderr)
+    return result
 
 
 def device_guard(host) -> None:
@@ -380,7 +391,7 @@ def guide_tables(host) -> dict:
                                 "-ctv", "iq4_nl")
     say(f"iq4_nl/iq4_nl: {rates(out['iq4_nl'])}")
     out["prefill"] = prefill(host, moe)
-    if wait_for_models(("dense",), 60):
+    if DENSE and wait_for_models(("dense",), 60):
         out["dense"] = dense(host)
     bandwidth_file = WORK / "bandwidth.json"
     out["bandwidth"] = json.loads(bandwidth_file.read_text()) if bandwidth_file.exists() else None
@@ -499,8 +510,7 @@ def switch_and_rollback(host, poller_cls) -> list[dict]:
     found = []
     for label, changes in (("switch (parallel 2)", {"parallel": 2}),
                            ("forced rollback (--lora of a missing file)",
-                            {"parallel": 2, "extra_args": ["--lora", "/nonexistent.gguf"]}),
-                           ("switch back (parallel 4)", {})):
+                            {"parallel": 2, "extra_args": ["--lora", "/nonexistent.gguf"]})):
         poller = poller_cls(MAIN_PORT)
         poller.start()
         result = gs._deploy(inventory(host, changes, WORK / "realsize-change.py"),
@@ -514,7 +524,7 @@ def switch_and_rollback(host, poller_cls) -> list[dict]:
             f"a client {windows} s; {' | '.join(lines)}")
         found.append({"label": label, "exit": result.returncode, "seconds": result.seconds,
                       "outages_s": windows, "lines": lines})
-    inventory(host)  # the inventory file as deployed last
+    inventory(host, {"parallel": 2})  # the inventory file as deployed last
     return found
 
 
