@@ -48,6 +48,13 @@ TLS_PEM = f"{STATE_DIR}/tls.pem"
 RECORD = f"{STATE_DIR}/gateway.json"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 TEMPLATES = data_dir("templates")
+MIB = 1024 * 1024
+# HAProxy's buffers hold a request's headers and body together, and keep tune.maxrewrite
+# (1 KiB) and a few HTX block headers of their own: the headroom above max_body_mib. Headers are
+# capped well below it, so a body up to the limit always fits whole and one byte over it always
+# shows (measured in tests/unit/test_gateway.py).
+BUFFER_HEADROOM = 64 * 1024
+MAX_HEADERS = 32 * 1024
 
 logger = logging.getLogger("llmhost")
 
@@ -156,8 +163,15 @@ def render_config(spec: GatewaySpec, fleet_backends: tuple[Backend, ...], *,
                              lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
     default = next((b for b in fleet_backends if b.model == spec.default_model), fleet_backends[0])
+    max_body = spec.max_body_mib * MIB
+    too_large = json.dumps({"error": {
+        "code": 413, "message": f"request body larger than the gateway limit of "
+                                f"{spec.max_body_mib} MiB ({max_body} bytes)",
+        "type": "invalid_request_error"}}, separators=(",", ":"))
     return env.get_template("haproxy.cfg.j2").render(
         spec=spec, backends=fleet_backends, default_backend=default.name,
+        bufsize=max_body + BUFFER_HEADROOM, max_body=max_body, max_headers=MAX_HEADERS,
+        too_large=too_large,
         admin_socket=admin_socket, clients_map=clients_map, backend_keys_map=backend_keys_map,
         tls_pem=tls_pem if spec.tls_cert_file else None)
 
