@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from pyinfra.context import ctx_host
 
-from llmhost import gateway
+from llmhost import gateway, remote
 from llmhost.facts import FileDigests
 from llmhost.settings import SettingsError, load_host_settings
 
@@ -598,3 +598,149 @@ def test_a_pushed_client_key_the_controller_lacks_is_named_before_anything_runs(
         f"exist or is not readable on the controller; expected a file holding the client's key"]
     (tmp_path / "ci.key").write_text("sk-ci\n")
     assert controller_problems(settings) == []
+
+
+# ----------------------------------------------- the drain, as the deploy wires it (facts in)
+
+# What a fresh host answers, for the facts the default answers of pyinfra's facts do not cover.
+FRESH = {"Os": "Linux", "Which": "/usr/sbin/useradd", "Users": {}, "Groups": set(),
+         "UnitState": {"sha256": None, "enabled": False, "active": False, "missing": []}}
+
+
+class RecordingConnector:
+    """Stands in for the gateway's SSH connection: records each command and the connector
+    arguments it was given, and answers as the helper does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run_shell_command(self, command, print_output=False, **arguments):
+        from pyinfra.connectors.util import CommandOutput, OutputLine
+        self.calls.append((command, arguments))
+        return True, CommandOutput([OutputLine("stdout", "back1-translate drained from be_translate")])
+
+
+def planned(tmp_path, monkeypatch, *, limit=None, active=("back1", "gate"), back_data=None,
+            gate_data=None, config=None, **deploy_arguments):
+    """llama_server(**deploy_arguments) defined for a backend and a gateway through pyinfra's
+    API, as the CLI defines it for each host of the run (``active``; ``limit``: --limit), with
+    the facts of fresh hosts answered here. Returns the State and its hosts."""
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api.host import Host
+    from pyinfra.context import ctx_host, ctx_state
+
+    from llmhost import gpu, preflight
+    from llmhost.deploys import llama_server
+
+    def fact(self, cls, *args, **kwargs):
+        if cls is gpu.GpuHost:  # a CPU host with room on its disks
+            return gpu.GpuFacts(disks=tuple(gpu.Disk(path, 10**12, "/") for path in (
+                "/opt/llama.cpp", "/var/lib/llama-models")))
+        if cls.__name__ in FRESH:
+            return FRESH[cls.__name__]
+        return cls.default() if hasattr(cls, "default") else None
+
+    monkeypatch.setattr(Host, "get_fact", fact)
+    monkeypatch.setattr(preflight, "_validated", {})  # validated once per process otherwise
+    key, model = tmp_path / "translate.key", tmp_path / "m.gguf"
+    key.write_text(BACKEND_KEY + "\n")
+    model.write_bytes(b"GGUF")
+    inventory = Inventory(([
+        ("back1", {"llm_services": {"translate": {
+            "port": 9001, "host": "0.0.0.0", "model": {"source": "local", "path": str(model)},
+            "api_key_file": str(key)}}, **(back_data or {})}),
+        ("gate", {"llm_gateway": {"clients": ["team-a"]}, **(gate_data or {})})], {}))
+    run_state = State(inventory, config or Config(),
+                      initial_limit=[inventory.get_host(n) for n in limit] if limit else None)
+    for name in active:
+        run_state.activate_host(inventory.get_host(name))
+    with ctx_state.use(run_state):
+        for name in active:
+            with ctx_host.use(inventory.get_host(name)):
+                llama_server(**deploy_arguments)
+    return run_state, inventory.get_host("back1"), inventory.get_host("gate")
+
+
+def switch_commands(run_state, back) -> list:
+    """The commands of the backend's switch (health_gated_unit), as pyinfra would run them."""
+    from pyinfra.context import ctx_host, ctx_state
+
+    for op_hash, data in run_state.ops[back].items():
+        if "llama.cpp server | Service llama-translate.service" in run_state.op_meta[op_hash].names:
+            with ctx_state.use(run_state), ctx_host.use(back):
+                return list(data.command_generator())
+    raise AssertionError("no switch on back1")
+
+
+def drain_on_gateway(run_state, back, gate) -> tuple[str, dict]:
+    """Run the switch's first command (the drain) with the gateway's connection recorded."""
+    from pyinfra.connectors.util import extract_control_arguments, make_unix_command_for_host
+
+    gate.connector = RecordingConnector()
+    drain = switch_commands(run_state, back)[0]
+    assert drain.execute(run_state, back, {}) is True
+    (command, arguments), = gate.connector.calls
+    shell = dict(arguments)
+    extract_control_arguments(shell)  # as the SSH connector does before it builds the command
+    return str(make_unix_command_for_host(run_state, gate, command, **shell)), arguments
+
+
+@pytest.mark.parametrize("how", ["deploy call", "command line", "gateway's data"])
+def test_the_drain_runs_on_the_gateway_with_the_global_arguments_of_the_deploy(tmp_path, monkeypatch, how):
+    """llama_server(_sudo=True) in a user's deploy.py, pyinfra --sudo, or _sudo in the gateway's
+    own data: the gateway helper the backend's switch runs there runs under sudo."""
+    from pyinfra.api import Config
+
+    if how == "deploy call":
+        run_state, back, gate = planned(tmp_path, monkeypatch, _sudo=True)
+    elif how == "command line":
+        run_state, back, gate = planned(tmp_path, monkeypatch, config=Config(SUDO=True))
+    else:
+        run_state, back, gate = planned(tmp_path, monkeypatch,
+                                        gate_data={"_sudo": True, "_sudo_user": "root"})
+    command, arguments = drain_on_gateway(run_state, back, gate)
+    assert arguments["_sudo"] is True, arguments
+    assert command.startswith("sudo -H -n "), command
+    assert command.endswith("python3 /usr/local/lib/llmhost/gateway_admin.py --socket "
+                            "/run/haproxy/admin.sock drain be_translate back1-translate --timeout 120'")
+
+
+def test_the_drain_takes_the_gateways_own_arguments_not_the_backends(tmp_path, monkeypatch):
+    run_state, back, gate = planned(tmp_path, monkeypatch, back_data={"_sudo": True})
+    command, arguments = drain_on_gateway(run_state, back, gate)
+    assert arguments["_sudo"] is False and not command.startswith("sudo"), command
+
+
+@pytest.mark.parametrize("outside", ["limit", "not connected"])
+def test_a_backend_behind_a_gateway_not_in_the_run_is_not_restarted(tmp_path, monkeypatch, outside):
+    limit = ("back1",) if outside == "limit" else None
+    run_state, back, gate = planned(tmp_path, monkeypatch, limit=limit, active=("back1",))
+    commands = switch_commands(run_state, back)
+    # The refusal first, and no drain: pyinfra stops the operation at a failed command, so the
+    # switch after it never runs.
+    assert [getattr(c, "function", None) for c in commands[:-1]] == [remote._fail], commands
+    message = commands[0].args[0]
+    head = ("host back1: llm_services.translate: llama-translate.service not restarted: gateway "
+            "gate ")
+    if outside == "limit":
+        assert message == head + ("is outside this run (--limit or --exclude), so back1-translate "
+                                  "cannot be drained there first; include it: --limit back1 "
+                                  "--limit gate")
+    else:
+        assert message.startswith(head + "could not be connected in this run")
+    assert commands[0].execute(run_state, back, {}) is False
+
+
+def test_servers_out_are_counted_per_run_and_gateway(tmp_path, monkeypatch):
+    """llm_max_unavailable 1: a second server of the model is not drained while one is out, in
+    the same run; a new run (a new State) starts with none out."""
+    run_state, back, gate = planned(tmp_path, monkeypatch)
+    drain_on_gateway(run_state, back, gate)
+    drain = switch_commands(run_state, back)[0]
+    assert drain.execute(run_state, back, {}) is False  # one out already
+    assert gateway._run(run_state).out == {("gate", "translate"): 1}
+    undrain = switch_commands(run_state, back)[-1]
+    assert undrain.execute(run_state, back, {}) is True
+    assert gateway._run(run_state).out == {("gate", "translate"): 0}
+    other_state, back, gate = planned(tmp_path, monkeypatch)
+    assert gateway._run(other_state).out == {}
