@@ -375,10 +375,11 @@ class GatewaySpec:
                                     "guide's 131072-token context (0.5-1.5 MiB of JSON) and a few "
                                     "base64 photos. Memory: each request in flight at a server "
                                     "holds about this much in HAProxy (the copy kept for a retry) "
-                                    "plus its body; 32 in flight took 0.6-1.0 GiB at 16, idle 25 "
+                                    "plus its body; 32 in flight took 0.55-1.0 GiB at 16, idle 25 "
                                     "MiB (benchmarks/RESULTS.md)",
-                                types=(int,), allowed="an integer from 1 to 256",
-                                check=lambda v: 1 <= v <= 256)
+                                types=(int,),
+                                allowed="an integer from 1 to 100 (llama-server takes no more)",
+                                check=lambda v: 1 <= v <= 100)
     drain_timeout: int = setting(120, "seconds a redeploy waits for a drained backend's requests "
                                       "to finish before it restarts the service anyway",
                                  types=(int,), allowed="a positive integer", check=_positive)

@@ -64,8 +64,8 @@ def gateway_spec(**values):
     ({"clients": ["a"], "api_key": "x"}, "host gw: llm_gateway.api_key: found an unknown setting"),
     ({"clients": ["a"], "tls_cert_file": "cert.pem"}, "host gw: llm_gateway.tls_cert_file: found 'cert.pem', expected an absolute path"),
     ({"clients": ["a"], "client_key_files": {"b": "/k/b.key"}}, "host gw: llm_gateway.client_key_files: found b, expected names of clients"),
-    ({"clients": ["a"], "max_body_mib": 0}, "host gw: llm_gateway.max_body_mib: found 0, expected an integer from 1 to 256"),
-    ({"clients": ["a"], "max_body_mib": 512}, "host gw: llm_gateway.max_body_mib: found 512, expected an integer from 1 to 256"),
+    ({"clients": ["a"], "max_body_mib": 0}, "host gw: llm_gateway.max_body_mib: found 0, expected an integer from 1 to 100"),
+    ({"clients": ["a"], "max_body_mib": 101}, "host gw: llm_gateway.max_body_mib: found 101, expected an integer from 1 to 100 (llama-server takes no more)"),
     ({"clients": ["a"], "client_key_files": {"a": "k/a.key"}}, "host gw: llm_gateway.client_key_files: found {'a': 'k/a.key'}, expected a mapping of client name to an absolute path"),
 ])
 def test_gateway_settings_are_refused_with_the_line_that_says_why(raw, found):
