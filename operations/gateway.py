@@ -19,16 +19,18 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import logging
 import re
 import shlex
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
 
 import jinja2
 from pyinfra import host, state
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, State, StringCommand, operation
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+from pyinfra.context import ctx_state
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, systemd
 
@@ -48,8 +50,13 @@ TLS_PEM = f"{STATE_DIR}/tls.pem"
 RECORD = f"{STATE_DIR}/gateway.json"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 TEMPLATES = data_dir("templates")
-
-logger = logging.getLogger("llmhost")
+MIB = 1024 * 1024
+# HAProxy's buffers hold a request's headers and body together, and keep tune.maxrewrite
+# (1 KiB) and a few HTX block headers of their own: the headroom above max_body_mib. Headers are
+# capped well below it, so a body up to the limit always fits whole and one byte over it always
+# shows (measured in tests/unit/test_gateway.py).
+BUFFER_HEADROOM = 64 * 1024
+MAX_HEADERS = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -156,8 +163,15 @@ def render_config(spec: GatewaySpec, fleet_backends: tuple[Backend, ...], *,
                              lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
     default = next((b for b in fleet_backends if b.model == spec.default_model), fleet_backends[0])
+    max_body = spec.max_body_mib * MIB
+    too_large = json.dumps({"error": {
+        "code": 413, "message": f"request body larger than the gateway limit of "
+                                f"{spec.max_body_mib} MiB ({max_body} bytes)",
+        "type": "invalid_request_error"}}, separators=(",", ":"))
     return env.get_template("haproxy.cfg.j2").render(
         spec=spec, backends=fleet_backends, default_backend=default.name,
+        bufsize=max_body + BUFFER_HEADROOM, max_body=max_body, max_headers=MAX_HEADERS,
+        too_large=too_large,
         admin_socket=admin_socket, clients_map=clients_map, backend_keys_map=backend_keys_map,
         tls_pem=tls_pem if spec.tls_cert_file else None)
 
@@ -259,6 +273,7 @@ def haproxy_config(text: str, path: str = CONFIG):
 def gateway(settings: HostSettings) -> None:
     """Converge this host into a gateway for every service of the inventory."""
     spec = settings.gateway
+    record_arguments()
     fleet, addresses = fleet_settings()
     fleet_backends = backends(fleet, addresses)
     found = problems(host.name, spec, fleet_backends, fleet)
@@ -298,18 +313,20 @@ def gateway(settings: HostSettings) -> None:
               dest=RECORD, user="root", group="root", mode="644")
 
 
-_fleets: dict[int, tuple[dict[str, HostSettings], dict[str, str]]] = {}
+# Per run: keyed by the State itself (``pyinfra.state`` is a proxy, the same object in every run).
+_fleets: "weakref.WeakKeyDictionary[State, tuple[dict[str, HostSettings], dict[str, str]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def fleet_settings() -> tuple[dict[str, HostSettings], dict[str, str]]:
     """Settings and addresses of every host of the inventory that serves (within --limit or
     not: a gateway's config names all of them), validated once per run."""
-    key = id(state)
-    if key not in _fleets:
+    run_state = ctx_state.get()
+    if run_state not in _fleets:
         data = {h.name: h.data.dict() for h in state.inventory if "llm_services" in h.data.dict()}
         fleet = load_inventory_settings(data)
-        _fleets[key] = (fleet, {n: host_address(n, data[n], s) for n, s in fleet.items()})
-    return _fleets[key]
+        _fleets[run_state] = (fleet, {n: host_address(n, data[n], s) for n, s in fleet.items()})
+    return _fleets[run_state]
 
 
 def gateways() -> list:
@@ -318,26 +335,87 @@ def gateways() -> list:
 
 
 # ------------------------------------------------------------------- draining a backend server
+#
+# Why the drain runs from the backend's switch and not as an operation of the gateway host:
+# pyinfra 3.10 runs one operation at a time for every host that has it (batches of
+# ``_parallel`` hosts), in an order it sorts from each host's own sequence of operations. The
+# switch of every backend is one operation; an operation of the gateway defined with the deploy
+# runs wholly before it (every backend drained at once) or wholly after it, never between two of
+# its batches, and with --serial or --no-wait it is not interleaved with the backends at all. One
+# called from inside the switch while it runs (pyinfra runs such a nested operation at once)
+# would be an operation in name only: pyinfra refuses it while the gateway host is inside an
+# operation of its own (two backends switching together, a gateway that also serves), and
+# --serial would run it again on the gateway later. Only inside the backend's own switch is
+# "drained just before, back just after, llm_max_unavailable at a time" kept. So the drain is a
+# command the switch runs on the gateway host, with the connector arguments pyinfra gives an
+# operation of that host in this deploy (its data, the deploy call's global arguments such as
+# llama_server(_sudo=True), the command line's --sudo ...), recorded while the gateway's own
+# deploy is defined (record_arguments).
 
-_out: dict[str, int] = {}  # model -> servers drained and not yet back, across the run
+
+@dataclass
+class _Run:
+    """What the drains of one pyinfra run (one State) share."""
+
+    # (gateway, model) -> servers of the model drained there and not yet back
+    out: dict[tuple[str, str], int] = field(default_factory=dict)
+    # gateway -> the connector arguments an operation of it gets in this deploy
+    arguments: dict[str, dict] = field(default_factory=dict)
+
+
+_runs: "weakref.WeakKeyDictionary[State, _Run]" = weakref.WeakKeyDictionary()
+
+
+def _run(run_state: State) -> _Run:
+    return _runs.setdefault(run_state, _Run())
+
+
+def connector_arguments(run_state: State, gateway_host) -> dict:
+    """The connector arguments (_sudo, _sudo_user, _sudo_password, _su_user, _env, ...) that
+    pyinfra gives an operation of ``gateway_host`` called here: the global arguments of the
+    deploy being defined (``llama_server(_sudo=True)``), else the host's data, else the command
+    line (--sudo), as pyinfra.api.arguments.pop_global_arguments resolves them."""
+    arguments, _ = pop_global_arguments(run_state, gateway_host, {})
+    return {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+
+
+def record_arguments() -> None:
+    """Called in the gateway host's own deploy: keep the connector arguments its operations
+    get, for the drains its backends' switches run on it."""
+    run_state = ctx_state.get()
+    _run(run_state).arguments[host.name] = connector_arguments(run_state, host)
 
 
 def drain_steps(settings: HostSettings, service) -> tuple[list[FunctionCommand], list[FunctionCommand]]:
     """Commands around a service's switch when gateways serve it: before, drain its server at
     each gateway and wait for its requests to end; after a healthy switch, put it back and wait
     until the gateway's checks see it up. A switch that fails leaves it drained (and counted
-    out): at most llm_max_unavailable servers of a model are out at once, across the run."""
+    out): at most llm_max_unavailable servers of a model are out at a gateway at once.
+
+    A gateway not in this run (outside --limit, or not connected) cannot drain there: the
+    switch is refused with one line saying how to include it, and the service keeps running as
+    it was. Connecting to it on demand (its inventory data allows it) was the alternative, and
+    the less safe one: it touches a host the operator left out of the run, with arguments and a
+    config this run did not check or converge (a new server is not in its config yet).
+    """
     model = service.alias or service.name
     backend = "be_" + _haproxy_name(model)
     server = _haproxy_name(f"{host.name}-{service.name}")
     before, after = [], []
     active = set(state.inventory.get_active_hosts())
+    missing = [gw for gw in gateways() if gw not in active]
+    where = f"host {host.name}: llm_services.{service.name}: {service.unit_name} not restarted"
+    outside = [gw.name for gw in missing if not state.is_host_in_limit(gw)]
+    if outside:
+        return [remote.fail(f"{where}: gateway {', '.join(outside)} is outside this run (--limit "
+                            f"or --exclude), so {server} cannot be drained there first; include "
+                            f"it: --limit {host.name} {' '.join(f'--limit {n}' for n in outside)}"
+                            )], []
+    if missing:
+        return [remote.fail(f"{where}: gateway {', '.join(gw.name for gw in missing)} could not "
+                            f"be connected in this run, so {server} cannot be drained there "
+                            f"first; deploy again once it answers")], []
     for gw in gateways():
-        if gw not in active:
-            # Outside --limit (or unreachable): the restart goes ahead, and the operator is told.
-            logger.warning(f"[{host.name}] gateway {gw.name} is not in this run: {server} is not "
-                           f"drained there before {service.unit_name} restarts")
-            continue
         spec = preflight.inventory_settings()[gw.name].gateway  # validated, defaults filled
         timeout, interval = spec.drain_timeout, spec.check_interval
         before.append(FunctionCommand(_drain, (gw.name, model, backend, server, timeout,
@@ -347,36 +425,40 @@ def drain_steps(settings: HostSettings, service) -> tuple[list[FunctionCommand],
     return before, after
 
 
-def _admin(gateway_host, *args: str) -> tuple[bool, list[str]]:
-    """Run the gateway helper on the gateway host, with that host's connector arguments."""
+def _admin(run_state: State, gateway_host, *args: str) -> tuple[bool, list[str]]:
+    """Run the gateway helper on the gateway host, as an operation of it would run it."""
     command = StringCommand(remote.helper_command("gateway_admin.py", "--socket", ADMIN_SOCKET, *args))
-    connector = {k: v for k, v in gateway_host.data.dict().items()
-                 if k in ("_sudo", "_sudo_user", "_sudo_password", "_use_sudo_login", "_su_user")}
-    ok, output = gateway_host.run_shell_command(command, print_output=False, **connector)
+    arguments = _run(run_state).arguments.get(gateway_host.name)
+    if arguments is None:  # its deploy did not call llama_server: its data and the command line
+        arguments = connector_arguments(run_state, gateway_host)
+    ok, output = gateway_host.run_shell_command(command, print_output=False, **arguments)
     return ok, output.output_lines
 
 
 def _drain(state, host, gateway_name, model, backend, server, timeout, max_unavailable) -> bool:
-    out = _out.get(model, 0)
+    run, key = _run(state), (gateway_name, model)
+    out = run.out.get(key, 0)
     if out >= max_unavailable:
         host.log_styled(f"{server}: not drained at gateway {gateway_name}: {out} server(s) of "
                         f"{model} already out (llm_max_unavailable {max_unavailable}); the service "
                         f"is not restarted", fg="red")
         return False
+    run.out[key] = out + 1  # taken before the command yields to other hosts' greenlets
     gateway_host = state.inventory.get_host(gateway_name)
-    ok, lines = _admin(gateway_host, "drain", backend, server, "--timeout", str(timeout))
+    ok, lines = _admin(state, gateway_host, "drain", backend, server, "--timeout", str(timeout))
     for line in lines:
         host.log_styled(f"gateway {gateway_name}: {line}", fg="cyan")
-    if ok:
-        _out[model] = out + 1
+    if not ok:
+        run.out[key] -= 1
     return ok
 
 
 def _ready(state, host, gateway_name, model, backend, server, timeout) -> bool:
+    run, key = _run(state), (gateway_name, model)
     gateway_host = state.inventory.get_host(gateway_name)
-    ok, lines = _admin(gateway_host, "ready", backend, server, "--timeout", str(timeout))
+    ok, lines = _admin(state, gateway_host, "ready", backend, server, "--timeout", str(timeout))
     for line in lines:
         host.log_styled(f"gateway {gateway_name}: {line}", fg="cyan")
     if ok:
-        _out[model] = max(0, _out.get(model, 1) - 1)
+        run.out[key] = max(0, run.out.get(key, 1) - 1)
     return ok

@@ -384,6 +384,17 @@ class GatewaySpec:
     check_interval: int = setting(2, "seconds between health checks of each backend's /health; "
                                      "out after 2 failures, back after 2 successes", types=(int,),
                                   allowed="a positive integer", check=_positive)
+    max_body_mib: int = setting(16, "largest request body the gateway takes, in MiB: bodies up to "
+                                    "it are routed by their model wherever the field is and "
+                                    "replayed whole when retried, larger ones get 413. 16 holds the "
+                                    "guide's 131072-token context (0.5-1.5 MiB of JSON) and a few "
+                                    "base64 photos. Memory: each request in flight at a server "
+                                    "holds about this much in HAProxy (the copy kept for a retry) "
+                                    "plus its body; 32 in flight took 0.55-1.0 GiB at 16, idle 25 "
+                                    "MiB (benchmarks/RESULTS.md)",
+                                types=(int,),
+                                allowed="an integer from 1 to 100 (llama-server takes no more)",
+                                check=lambda v: 1 <= v <= 100)
     drain_timeout: int = setting(120, "seconds a redeploy waits for a drained backend's requests "
                                       "to finish before it restarts the service anyway",
                                  types=(int,), allowed="a positive integer", check=_positive)

@@ -6,8 +6,10 @@ ready through the runtime API, and a reload that revokes a key."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +26,7 @@ from pathlib import Path
 import pytest
 from pyinfra.context import ctx_host
 
-from llmhost import gateway
+from llmhost import gateway, remote
 from llmhost.facts import FileDigests
 from llmhost.settings import SettingsError, load_host_settings
 
@@ -62,6 +64,8 @@ def gateway_spec(**values):
     ({"clients": ["a"], "api_key": "x"}, "host gw: llm_gateway.api_key: found an unknown setting"),
     ({"clients": ["a"], "tls_cert_file": "cert.pem"}, "host gw: llm_gateway.tls_cert_file: found 'cert.pem', expected an absolute path"),
     ({"clients": ["a"], "client_key_files": {"b": "/k/b.key"}}, "host gw: llm_gateway.client_key_files: found b, expected names of clients"),
+    ({"clients": ["a"], "max_body_mib": 0}, "host gw: llm_gateway.max_body_mib: found 0, expected an integer from 1 to 100"),
+    ({"clients": ["a"], "max_body_mib": 101}, "host gw: llm_gateway.max_body_mib: found 101, expected an integer from 1 to 100 (llama-server takes no more)"),
     ({"clients": ["a"], "client_key_files": {"a": "k/a.key"}}, "host gw: llm_gateway.client_key_files: found {'a': 'k/a.key'}, expected a mapping of client name to an absolute path"),
 ])
 def test_gateway_settings_are_refused_with_the_line_that_says_why(raw, found):
@@ -226,8 +230,24 @@ class FakeLlamaServer(BaseHTTPRequestHandler):
     def do_GET(self):
         self._send(200, {"status": "ok"})
 
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(parts)
+        return self.rfile.read(int(self.headers["Content-Length"]))
+
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self._body()
+        self.server.bodies.append(hashlib.sha256(raw).hexdigest())
+        if self.server.hang_up:  # read the whole request, then close without an answer
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        body = json.loads(raw)
         self.server.seen.append((self.headers.get("Authorization"), body.get("model")))
         with self.server.lock:
             self.server.busy += 1
@@ -248,6 +268,7 @@ class QuietServer(ThreadingHTTPServer):
 def fake_server(label: str) -> ThreadingHTTPServer:
     server = QuietServer(("127.0.0.1", 0), FakeLlamaServer)
     server.label, server.seen, server.busy, server.max_busy = label, [], 0, 0
+    server.bodies, server.hang_up = [], False  # sha256 of each body received
     server.lock = threading.Lock()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -257,6 +278,19 @@ def fake_server(label: str) -> ThreadingHTTPServer:
 def running_gateway(tmp_path):
     """HAProxy (master-worker, foreground) with the rendered config in front of three fake
     servers: h1 and h2 serve model "translate" (1 slot each), h3 serves "chat"."""
+    with gateway_running(tmp_path) as gw:
+        yield gw
+
+
+@pytest.fixture
+def small_gateway(tmp_path):
+    """The same, with a request-body limit of 1 MiB."""
+    with gateway_running(tmp_path, max_body_mib=1) as gw:
+        yield gw
+
+
+@contextlib.contextmanager
+def gateway_running(tmp_path, **settings):
     need_haproxy()
     servers = {name: fake_server(name) for name in ("h1", "h2", "h3")}
     key = tmp_path / "backend.key"
@@ -267,7 +301,7 @@ def running_gateway(tmp_path):
             "ctx_size": 1024, "api_key_file": str(key)}}}) for name in servers}
     port, metrics = free_port(), free_port()
     spec = gateway_spec(port=port, bind="127.0.0.1", metrics_port=metrics, check_interval=1,
-                        queue_timeout=30)
+                        queue_timeout=30, **settings)
     paths = write_maps(tmp_path, hosts)
     config = tmp_path / "haproxy.cfg"
     config.write_text(gateway.render_config(spec, gateway.backends(hosts, {h: "127.0.0.1" for h in hosts}),
@@ -398,6 +432,121 @@ def test_a_reload_revokes_a_removed_key_without_dropping_a_request(running_gatew
     assert request(gw["port"], "/v1/models")[0] == 200
 
 
+# -------------------------------------------------------------------- large request bodies
+
+def chat_body(model: str, size: int) -> bytes:
+    """A chat request of about ``size`` bytes that names its model after its messages, where a
+    client serializing {"messages": ..., "model": ...} puts it."""
+    return json.dumps({"messages": [{"role": "user", "content": "x" * size}],
+                       "model": model}).encode()
+
+
+def post_raw(port: int, body: bytes, *, chunked: bool = False, length: int | None = None,
+             extra_headers: str = "") -> tuple[int, dict]:
+    """POST over a raw socket, as Content-Length (``length``, else the body's) or in chunks,
+    reading the answer even when the gateway answers and closes before the body is all sent
+    (as curl and requests do; urllib gives up with a broken pipe)."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {CLIENT_KEY}"
+            f"\r\nContent-Type: application/json\r\n{extra_headers}")
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if chunked:
+                sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+                for i in range(0, len(body), 65536):
+                    part = body[i:i + 65536]
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+                sock.sendall(b"0\r\n\r\n")
+            else:
+                length = len(body) if length is None else length
+                sock.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode() + body)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                    re.search(rb"(?i)content-length: *(\d+)", answer).group(1)):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.partition(b"\r\n\r\n")[2] or b"{}")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_large_request_naming_its_model_after_its_messages_reaches_that_model(running_gateway):
+    gw = running_gateway
+    body = chat_body("chat", 1_000_000)  # "model" about 1 MB in: far past HAProxy's 256 KiB of before
+    status, answer = post_raw(gw["port"], body)
+    assert (status, answer["server"], answer["model"]) == (200, "h3", "chat")
+    assert gw["servers"]["h3"].bodies == [sha(body)]  # and it got the body whole
+    # As much as the limit (16 MiB by default), in chunks without a Content-Length too.
+    big = chat_body("chat", 16 * 1024 * 1024 - 100)
+    assert post_raw(gw["port"], big, chunked=True)[1]["server"] == "h3"
+    assert gw["servers"]["h3"].bodies[-1] == sha(big)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_gets_413_and_one_at_the_limit_goes_through_whole(small_gateway, chunked):
+    gw, limit = small_gateway, 1024 * 1024  # max_body_mib 1
+    at_limit = b"{" + b" " * (limit - 2) + b"}"
+    status, answer = post_raw(gw["port"], at_limit, chunked=chunked)
+    assert status == 200 and answer["server"] in ("h1", "h2")
+    # Headers up to the cap take none of the body's room.
+    padded = post_raw(gw["port"], at_limit, chunked=chunked,
+                      extra_headers=f"X-Pad: {'p' * (gateway.MAX_HEADERS - 400)}\r\n")
+    assert padded[0] == 200
+    received = gw["servers"]["h1"].bodies + gw["servers"]["h2"].bodies
+    assert received == [sha(at_limit)] * 2
+    over = at_limit + b" "
+    status, answer = post_raw(gw["port"], over, chunked=chunked)
+    assert status == 413, (status, answer)
+    assert answer == {"error": {"code": 413, "message": "request body larger than the gateway limit "
+                                f"of 1 MiB ({limit} bytes)", "type": "invalid_request_error"}}
+    assert len(gw["servers"]["h1"].bodies + gw["servers"]["h2"].bodies) == 2  # nothing went on
+    big_headers = post_raw(gw["port"], b"{}", extra_headers=f"X-Pad: {'p' * gateway.MAX_HEADERS}\r\n")
+    assert big_headers[0] == 431
+
+
+def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(small_gateway):
+    status, answer = post_raw(small_gateway["port"], b"", length=1024 * 1024 + 1)
+    assert status == 413 and answer["error"]["code"] == 413
+
+
+@pytest.mark.parametrize("failure", ["refused", "hang-up"])
+def test_a_retried_large_request_reaches_the_next_server_whole(running_gateway, failure):
+    """h1 refuses the connection (conn-failure), or reads the whole request and closes without
+    an answer (empty-response, replayed from HAProxy's copy of the request): each request is
+    answered by h2, which gets the body whole."""
+    gw = running_gateway
+    h1, h2 = gw["servers"]["h1"], gw["servers"]["h2"]
+    # Health checks off for h1: it stays UP at the gateway, so requests keep going to it.
+    assert admin(gw, "show").returncode == 0
+    gateway_admin_api(gw, "disable health be_translate/h1-translate")
+    if failure == "refused":
+        h1.shutdown()
+        h1.server_close()
+    else:
+        h1.hang_up = True
+    bodies = [chat_body("translate", 1_000_000 + i) for i in range(4)]
+    for body in bodies:
+        status, answer = post_raw(gw["port"], body)
+        assert (status, answer.get("server")) == (200, "h2"), (status, answer)
+    assert h2.bodies == [sha(body) for body in bodies]
+    row = server_status(gw, "be_translate", "h1-translate")
+    assert int(row["wretr"]) + int(row["wredis"]) > 0, row  # h1 was tried, and the retry went on
+    if failure == "hang-up":
+        assert h1.bodies and set(h1.bodies) <= set(h2.bodies)
+
+
+def gateway_admin_api(gw, command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(gw["socket"])
+        sock.sendall(command.encode() + b"\n")
+        return sock.recv(65536).decode()
+
+
 def test_the_example_group_data_of_gateways_is_valid():
     namespace: dict = {}
     exec((REPO / "group_data" / "llm_gateways.py").read_text(), namespace)
@@ -449,3 +598,149 @@ def test_a_pushed_client_key_the_controller_lacks_is_named_before_anything_runs(
         f"exist or is not readable on the controller; expected a file holding the client's key"]
     (tmp_path / "ci.key").write_text("sk-ci\n")
     assert controller_problems(settings) == []
+
+
+# ----------------------------------------------- the drain, as the deploy wires it (facts in)
+
+# What a fresh host answers, for the facts the default answers of pyinfra's facts do not cover.
+FRESH = {"Os": "Linux", "Which": "/usr/sbin/useradd", "Users": {}, "Groups": set(),
+         "UnitState": {"sha256": None, "enabled": False, "active": False, "missing": []}}
+
+
+class RecordingConnector:
+    """Stands in for the gateway's SSH connection: records each command and the connector
+    arguments it was given, and answers as the helper does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run_shell_command(self, command, print_output=False, **arguments):
+        from pyinfra.connectors.util import CommandOutput, OutputLine
+        self.calls.append((command, arguments))
+        return True, CommandOutput([OutputLine("stdout", "back1-translate drained from be_translate")])
+
+
+def planned(tmp_path, monkeypatch, *, limit=None, active=("back1", "gate"), back_data=None,
+            gate_data=None, config=None, **deploy_arguments):
+    """llama_server(**deploy_arguments) defined for a backend and a gateway through pyinfra's
+    API, as the CLI defines it for each host of the run (``active``; ``limit``: --limit), with
+    the facts of fresh hosts answered here. Returns the State and its hosts."""
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api.host import Host
+    from pyinfra.context import ctx_host, ctx_state
+
+    from llmhost import gpu, preflight
+    from llmhost.deploys import llama_server
+
+    def fact(self, cls, *args, **kwargs):
+        if cls is gpu.GpuHost:  # a CPU host with room on its disks
+            return gpu.GpuFacts(disks=tuple(gpu.Disk(path, 10**12, "/") for path in (
+                "/opt/llama.cpp", "/var/lib/llama-models")))
+        if cls.__name__ in FRESH:
+            return FRESH[cls.__name__]
+        return cls.default() if hasattr(cls, "default") else None
+
+    monkeypatch.setattr(Host, "get_fact", fact)
+    monkeypatch.setattr(preflight, "_validated", {})  # validated once per process otherwise
+    key, model = tmp_path / "translate.key", tmp_path / "m.gguf"
+    key.write_text(BACKEND_KEY + "\n")
+    model.write_bytes(b"GGUF")
+    inventory = Inventory(([
+        ("back1", {"llm_services": {"translate": {
+            "port": 9001, "host": "0.0.0.0", "model": {"source": "local", "path": str(model)},
+            "api_key_file": str(key)}}, **(back_data or {})}),
+        ("gate", {"llm_gateway": {"clients": ["team-a"]}, **(gate_data or {})})], {}))
+    run_state = State(inventory, config or Config(),
+                      initial_limit=[inventory.get_host(n) for n in limit] if limit else None)
+    for name in active:
+        run_state.activate_host(inventory.get_host(name))
+    with ctx_state.use(run_state):
+        for name in active:
+            with ctx_host.use(inventory.get_host(name)):
+                llama_server(**deploy_arguments)
+    return run_state, inventory.get_host("back1"), inventory.get_host("gate")
+
+
+def switch_commands(run_state, back) -> list:
+    """The commands of the backend's switch (health_gated_unit), as pyinfra would run them."""
+    from pyinfra.context import ctx_host, ctx_state
+
+    for op_hash, data in run_state.ops[back].items():
+        if "llama.cpp server | Service llama-translate.service" in run_state.op_meta[op_hash].names:
+            with ctx_state.use(run_state), ctx_host.use(back):
+                return list(data.command_generator())
+    raise AssertionError("no switch on back1")
+
+
+def drain_on_gateway(run_state, back, gate) -> tuple[str, dict]:
+    """Run the switch's first command (the drain) with the gateway's connection recorded."""
+    from pyinfra.connectors.util import extract_control_arguments, make_unix_command_for_host
+
+    gate.connector = RecordingConnector()
+    drain = switch_commands(run_state, back)[0]
+    assert drain.execute(run_state, back, {}) is True
+    (command, arguments), = gate.connector.calls
+    shell = dict(arguments)
+    extract_control_arguments(shell)  # as the SSH connector does before it builds the command
+    return str(make_unix_command_for_host(run_state, gate, command, **shell)), arguments
+
+
+@pytest.mark.parametrize("how", ["deploy call", "command line", "gateway's data"])
+def test_the_drain_runs_on_the_gateway_with_the_global_arguments_of_the_deploy(tmp_path, monkeypatch, how):
+    """llama_server(_sudo=True) in a user's deploy.py, pyinfra --sudo, or _sudo in the gateway's
+    own data: the gateway helper the backend's switch runs there runs under sudo."""
+    from pyinfra.api import Config
+
+    if how == "deploy call":
+        run_state, back, gate = planned(tmp_path, monkeypatch, _sudo=True)
+    elif how == "command line":
+        run_state, back, gate = planned(tmp_path, monkeypatch, config=Config(SUDO=True))
+    else:
+        run_state, back, gate = planned(tmp_path, monkeypatch,
+                                        gate_data={"_sudo": True, "_sudo_user": "root"})
+    command, arguments = drain_on_gateway(run_state, back, gate)
+    assert arguments["_sudo"] is True, arguments
+    assert command.startswith("sudo -H -n "), command
+    assert command.endswith("python3 /usr/local/lib/llmhost/gateway_admin.py --socket "
+                            "/run/haproxy/admin.sock drain be_translate back1-translate --timeout 120'")
+
+
+def test_the_drain_takes_the_gateways_own_arguments_not_the_backends(tmp_path, monkeypatch):
+    run_state, back, gate = planned(tmp_path, monkeypatch, back_data={"_sudo": True})
+    command, arguments = drain_on_gateway(run_state, back, gate)
+    assert arguments["_sudo"] is False and not command.startswith("sudo"), command
+
+
+@pytest.mark.parametrize("outside", ["limit", "not connected"])
+def test_a_backend_behind_a_gateway_not_in_the_run_is_not_restarted(tmp_path, monkeypatch, outside):
+    limit = ("back1",) if outside == "limit" else None
+    run_state, back, gate = planned(tmp_path, monkeypatch, limit=limit, active=("back1",))
+    commands = switch_commands(run_state, back)
+    # The refusal first, and no drain: pyinfra stops the operation at a failed command, so the
+    # switch after it never runs.
+    assert [getattr(c, "function", None) for c in commands[:-1]] == [remote._fail], commands
+    message = commands[0].args[0]
+    head = ("host back1: llm_services.translate: llama-translate.service not restarted: gateway "
+            "gate ")
+    if outside == "limit":
+        assert message == head + ("is outside this run (--limit or --exclude), so back1-translate "
+                                  "cannot be drained there first; include it: --limit back1 "
+                                  "--limit gate")
+    else:
+        assert message.startswith(head + "could not be connected in this run")
+    assert commands[0].execute(run_state, back, {}) is False
+
+
+def test_servers_out_are_counted_per_run_and_gateway(tmp_path, monkeypatch):
+    """llm_max_unavailable 1: a second server of the model is not drained while one is out, in
+    the same run; a new run (a new State) starts with none out."""
+    run_state, back, gate = planned(tmp_path, monkeypatch)
+    drain_on_gateway(run_state, back, gate)
+    drain = switch_commands(run_state, back)[0]
+    assert drain.execute(run_state, back, {}) is False  # one out already
+    assert gateway._run(run_state).out == {("gate", "translate"): 1}
+    undrain = switch_commands(run_state, back)[-1]
+    assert undrain.execute(run_state, back, {}) is True
+    assert gateway._run(run_state).out == {("gate", "translate"): 0}
+    other_state, back, gate = planned(tmp_path, monkeypatch)
+    assert gateway._run(other_state).out == {}
