@@ -7,10 +7,11 @@ Reads the inventory and group_data/ exactly as `pyinfra inventory.py deploy.py` 
 (operations/inventory.py), builds each host's SSH connection from its data (ssh_hostname,
 ssh_port, ssh_user, ssh_key; host keys checked as ssh_strict_host_key_checking and
 ssh_known_hosts_file say; `_sudo`, with `_sudo_password` where sudo asks for one; `@local` hosts
-run locally), and runs one `pytest tests/host` per host with pytest-testinfra, hosts in parallel. Each host's pytest output
-is printed as one block, then a summary names, per host, every failed check with its message
-and every skipped check with its reason. Exit code: 0 when every host passed, 1 when any host
-failed (or could not be reached), 2 when the inventory could not be read.
+run locally), and runs one `pytest tests/host` per host with pytest-testinfra, hosts in
+parallel. Each host's pytest output is printed as one block, then a summary names, per host,
+every failed check with its message and every skipped check with its reason. Exit code: 0 when
+every host passed, 1 when any host failed (or could not be reached), 2 when the inventory could
+not be read.
 
 Plain `pytest tests/host --hosts=ssh://root@gpu1 [--ssh-config=FILE]` keeps working.
 """
@@ -64,7 +65,7 @@ class Check:
     name: str
     outcome: str  # passed, failed, error, skipped
     message: str = ""
-    report: str = ""  # the whole report of a failure or error (junit's message is cut at ~1 KB)
+    report: str = ""  # the whole report of a failure or error (pytest cuts junit's message short)
 
 
 @dataclass
@@ -101,7 +102,9 @@ def host_key_checking(name: str, data: dict) -> str:
     """'yes', 'accept-new' or 'off', from the host's ssh_strict_host_key_checking (ValueError:
     a value pyinfra would refuse too)."""
     value = data.get("ssh_strict_host_key_checking")
-    mode = HOST_KEY_CHECKING.get("yes" if value is None else value, "") if isinstance(value, (str, type(None))) else ""
+    if value is None:
+        value = "yes"
+    mode = HOST_KEY_CHECKING.get(value, "") if isinstance(value, str) else ""
     if not mode:
         raise ValueError(f"host {name}: ssh_strict_host_key_checking: found {value!r}; expected "
                          f"'yes' (verify's default), 'accept-new', 'no' or 'off' (as pyinfra)")
@@ -161,7 +164,8 @@ def target_for(index: int, name: str, data: dict) -> Target:
         checking = host_key_checking(name, data)
     except ValueError as error:
         return Target(name, "", problem=str(error))
-    known_hosts = os.path.abspath(os.path.expanduser(data.get("ssh_known_hosts_file") or DEFAULT_KNOWN_HOSTS))
+    known_hosts = os.path.abspath(os.path.expanduser(data.get("ssh_known_hosts_file")
+                                                     or DEFAULT_KNOWN_HOSTS))
     # testinfra's ssh backend runs OpenSSH's client; without one (minimal images) its paramiko
     # backend reads the same ssh_config block, but checks no known_hosts file and cannot give
     # sudo a password: only for hosts that need neither.
@@ -239,7 +243,7 @@ def run_host(target: Target, workdir: Path, suite: Path, extra: list[str],
         cmd.append(f"--ssh-config={config}")
     if target.sudo:
         cmd.append("--sudo")
-    password_fd = None
+    password_fd, pass_fds = None, ()
     if target.sudo_password is not None:
         # A pipe pytest inherits, filled and closed on this side before it starts (one line,
         # well under the pipe's buffer): only its number is on pytest's argv.
@@ -247,11 +251,12 @@ def run_host(target: Target, workdir: Path, suite: Path, extra: list[str],
         os.write(write_end, target.sudo_password.line())
         _close(write_end)
         cmd.append(f"{passwordsudo.OPTION}={password_fd}")
+        pass_fds = (password_fd,)
     cmd += extra
     try:
         # From the work folder: the caller's own pytest configuration must not apply to the suite.
         result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                                stdin=subprocess.DEVNULL, pass_fds=() if password_fd is None else (password_fd,))
+                                stdin=subprocess.DEVNULL, pass_fds=pass_fds)
         code, output = result.returncode, result.stdout + result.stderr
     except subprocess.TimeoutExpired as e:
         code = 124
