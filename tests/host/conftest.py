@@ -2,6 +2,7 @@
 (/etc/llama/llmhost.json), so it needs nothing but SSH access:
 
     pytest tests/host --hosts=ssh://root@gpu1 [--ssh-config=FILE]
+    [--sudo [--llmhost-sudo-password-fd=N]]   (a login user with sudo; llmhost.passwordsudo)
 
 Each check loops over the host's services and reports every failing service by name.
 """
@@ -12,16 +13,44 @@ import json
 
 import pytest
 
+from llmhost import passwordsudo
 from llmhost.manifest import Manifest, ManifestError
 from llmhost.settings import manifest_path
 
 DEFAULT_MANIFEST = manifest_path({})  # the deploy's default llm_config_dir
 GATEWAY_RECORD = "/etc/llmhost-gateway/gateway.json"  # llmhost.gateway.RECORD
+SUDO_PASSWORD = pytest.StashKey[passwordsudo.Secret]()
 
 
 def pytest_addoption(parser):
     parser.addoption("--llmhost-manifest", default=DEFAULT_MANIFEST,
                      help="path of the deploy's manifest on the host")
+    parser.addoption(passwordsudo.OPTION, type=int, default=None, metavar="FD",
+                     help="with --sudo: read sudo's password from this open file descriptor "
+                          "(llmhost-verify passes _sudo_password so); sudo then reads it on stdin")
+
+
+def pytest_configure(config):
+    fd = config.getoption(passwordsudo.OPTION)
+    if fd is None:
+        return
+    try:
+        config.stash[SUDO_PASSWORD] = passwordsudo.read_fd(fd)
+    except (OSError, ValueError) as error:
+        raise pytest.UsageError(f"{passwordsudo.OPTION}={fd}: {error}") from None
+    config.option.showlocals = False  # a frame's locals could hold the password
+
+
+@pytest.fixture(scope="module")
+def host(_testinfra_host, request):
+    """testinfra's host, whose sudo reads the password from stdin when one was given."""
+    password = request.config.stash.get(SUDO_PASSWORD, None)
+    if password is not None:
+        try:
+            passwordsudo.apply(_testinfra_host.backend, password)
+        except ValueError as error:
+            pytest.fail(str(error), pytrace=False)
+    return _testinfra_host
 
 
 @pytest.fixture

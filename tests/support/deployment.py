@@ -36,10 +36,11 @@ def apt_cache() -> Path:
     return path
 
 
-def booted(name: str, suite: str = "bookworm", login_user: str = "root"):
+def booted(name: str, suite: str = "bookworm", login_user: str = "root",
+           sudo_password: str | None = None):
     """A sandbox host with the shared caches: what every e2e test and the demo use."""
     return sandbox.booted_host(name, suite=suite, binds=shared_cache_binds(), apt_cache=apt_cache(),
-                               login_user=login_user)
+                               login_user=login_user, sudo_password=sudo_password)
 
 
 def service_settings(port: int, model_path: Path, **overrides) -> dict:

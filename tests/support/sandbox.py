@@ -167,6 +167,10 @@ class SandboxHost:
     # Who logs in over SSH: root, or (as on cloud images) a user with passwordless sudo, and
     # then root's login is refused.
     login_user: str = "root"
+    # The login user's password, for a sudo that asks for it (sudoers without NOPASSWD); None:
+    # passwordless sudo. Given to pyinfra as `_sudo_password`; never a login password (sshd
+    # takes keys only). Kept out of repr (test reports print hosts).
+    sudo_password: str | None = field(default=None, repr=False)
     # Downloaded .deb files shared between hosts by copying (a shared bind mount would make
     # hosts that run apt at the same time fight over its lock).
     apt_cache: Path | None = None
@@ -197,15 +201,19 @@ class SandboxHost:
         }
         if self.login_user != "root":
             data["_sudo"] = True
+        if self.sudo_password is not None:
+            data["_sudo_password"] = self.sudo_password
         return data
 
-    def exec(self, *command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run a command inside the host's namespaces (not over SSH): for fixtures and faults."""
+    def exec(self, *command: str, check: bool = True, timeout: float = 60,
+             input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a command inside the host's namespaces (not over SSH): for fixtures and faults.
+        ``input`` goes to its stdin (a secret to search for stays out of argv)."""
         if not self.init_pid:
             raise RuntimeError(f"sandbox {self.name} is not running")
         cmd = ["nsenter", "--target", str(self.init_pid), "--mount", "--uts", "--ipc", "--pid",
                "--root", "--wd", "--", *command]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
                                 env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                                      "LANG": "C.UTF-8"})
         if check and result.returncode:
@@ -254,7 +262,13 @@ class SandboxHost:
         subprocess.run(["chroot", str(self.root), "useradd", "--create-home", "--shell", "/bin/bash",
                         user], check=True)
         sudoers = self.root / "etc" / "sudoers.d" / user
-        sudoers.write_text(f"{user} ALL=(ALL) NOPASSWD: ALL\n")
+        if self.sudo_password is None:
+            sudoers.write_text(f"{user} ALL=(ALL) NOPASSWD: ALL\n")
+        else:
+            # A real password, set through chpasswd's stdin (never argv), asked for by sudo.
+            subprocess.run(["chroot", str(self.root), "chpasswd"], input=f"{user}:{self.sudo_password}\n",
+                           text=True, check=True)
+            sudoers.write_text(f"{user} ALL=(ALL) ALL\n")
         sudoers.chmod(0o440)
         ssh_dir = self.root / "home" / user / ".ssh"
         ssh_dir.mkdir(mode=0o700)
@@ -377,16 +391,21 @@ def _remove_cgroup_tree(path: Path) -> None:
 
 @contextlib.contextmanager
 def booted_host(name: str = "sandbox1", suite: str = "bookworm", binds: dict[str, str] | None = None,
-                apt_cache: Path | None = None, login_user: str = "root"):
+                apt_cache: Path | None = None, login_user: str = "root", sudo_password: str | None = None):
     """A fresh, running sandbox host; powered off and deleted on exit, pass or fail.
 
     ``binds`` maps directories of this machine to paths inside the host (ccache, which is safe
-    to share); ``apt_cache`` is a folder of .deb files copied in and back out.
+    to share); ``apt_cache`` is a folder of .deb files copied in and back out; ``login_user``
+    other than root gets sudo, passwordless unless ``sudo_password`` is given.
     """
+    if sudo_password is not None and (login_user == "root" or not sudo_password
+                                      or any(c in sudo_password for c in "\n\r:")):
+        raise ValueError("sudo_password: needs a login_user other than root, and a non-empty "
+                         "password without ':' or line breaks (chpasswd's format)")
     workdir = Path(tempfile.mkdtemp(prefix=f"llmhost-{name}-", dir="/var/tmp"))
     host = SandboxHost(name=name, suite=suite, workdir=workdir, ssh_port=free_port(),
                        key_path=workdir / "id_ed25519", binds=dict(binds or {}), apt_cache=apt_cache,
-                       login_user=login_user)
+                       login_user=login_user, sudo_password=sudo_password)
     try:
         host.prepare()
         host.boot()
