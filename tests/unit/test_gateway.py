@@ -641,7 +641,6 @@ def planned(tmp_path, monkeypatch, *, limit=None, active=("back1", "gate"), back
         return cls.default() if hasattr(cls, "default") else None
 
     monkeypatch.setattr(Host, "get_fact", fact)
-    monkeypatch.setattr(preflight, "_validated", {})  # validated once per process otherwise
     key, model = tmp_path / "translate.key", tmp_path / "m.gguf"
     key.write_text(BACKEND_KEY + "\n")
     model.write_bytes(b"GGUF")
