@@ -199,13 +199,15 @@ class SandboxHost:
             data["_sudo"] = True
         return data
 
-    def exec(self, *command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run a command inside the host's namespaces (not over SSH): for fixtures and faults."""
+    def exec(self, *command: str, check: bool = True, timeout: float = 60,
+             input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a command inside the host's namespaces (not over SSH): for fixtures and faults.
+        ``input`` goes to its stdin (a test's secret stays off every command line)."""
         if not self.init_pid:
             raise RuntimeError(f"sandbox {self.name} is not running")
         cmd = ["nsenter", "--target", str(self.init_pid), "--mount", "--uts", "--ipc", "--pid",
                "--root", "--wd", "--", *command]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
                                 env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                                      "LANG": "C.UTF-8"})
         if check and result.returncode:
