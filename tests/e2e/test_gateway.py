@@ -363,10 +363,9 @@ def test_a_backend_key_rotated_under_load_fails_no_request_and_diff_shows_no_sec
     statuses = load.stop()
     assert result.returncode == 0, result.output[-6000:]
     assert len(statuses) > 20 and set(statuses) == {200}, (
-        f"{len(statuses)} requests, failed: {[s for s in statuses if s != 200][:20]}...\n"
-        f"operations: {[l for l in result.output.splitlines() if 'Starting operation' in l]}\n"
-        "the gateway's log of them:\n" + ssh(site["hosts"][GATEWAY], "journalctl --no-pager -t haproxy "
-                                              "| grep -v ' 200 ' | tail -n 15", check=False).stdout)
+        f"{len(statuses)} requests, {len(statuses) - statuses.count(200)} failed "
+        f"({sorted(set(statuses) - {200})}); operations in the order they ran: "
+        f"{[line.rpartition(' | ')[2].strip() for line in result.output.splitlines() if 'Starting operation' in line]}")
     # Every backend accepts the new key and no longer the previous one.
     for name in BACKENDS:
         assert (backend_answers(site, name, new_key), backend_answers(site, name, old_key)) == (200, 401), name
