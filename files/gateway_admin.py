@@ -4,6 +4,7 @@ socket): the steps a backend's redeploy runs on the gateway host (llmhost.gatewa
     gateway_admin.py drain BACKEND SERVER --timeout S   # no new requests; wait for its own
     gateway_admin.py ready BACKEND SERVER --timeout S   # back in; wait until its checks pass
     gateway_admin.py show                               # servers and backends: state, queue
+    gateway_admin.py reload --timeout S                 # reload; wait for the old worker's end
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import argparse
 import csv
 import io
 import socket
+import subprocess
 import sys
 import time
 
 
-def api(socket_path: str, command: str) -> str:
+def api(socket_path: str, command: str, half_close: bool = False) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
         sock.sendall(command.encode() + b"\n")
+        if half_close:  # the master's CLI answers, then waits for more until we close our side
+            sock.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
@@ -86,6 +90,58 @@ def show(args) -> int:
     return 0
 
 
+def workers(master_socket: str) -> dict[str, list[str]]:
+    """The master's `show proc`: PIDs of the current workers and of the old ones (a reload's
+    previous worker, finishing the requests it had)."""
+    found: dict[str, list[str]] = {"workers": [], "old workers": []}
+    section = None
+    for line in api(master_socket, "show proc", half_close=True).splitlines():
+        if line.startswith("#"):
+            section = line[1:].strip()
+            continue
+        parts = line.split()
+        if section in found and len(parts) > 1 and parts[1] == "worker":
+            found[section].append(parts[0])
+    return found
+
+
+def reload(args) -> int:
+    """`systemctl reload`, then wait until a new worker serves and the old one has finished its
+    requests: a backend restarted next is drained at the new worker, and the old one may still
+    be sending it requests (with the previous backend key, say)."""
+    before, error = None, None
+    for _ in range(10):  # a master that has just started (or reloaded) opens its CLI a moment later
+        try:
+            before = set(workers(args.master_socket)["workers"])
+            break
+        except OSError as e:
+            error = e
+            time.sleep(0.3)
+    if before is None:
+        print(f"HAProxy's master socket {args.master_socket} does not answer ({error}): the reload "
+              f"does not wait for the previous worker's requests")
+    result = subprocess.run(["systemctl", "reload", args.unit], capture_output=True, text=True)
+    if result.returncode:
+        print(f"systemctl reload {args.unit} failed: {result.stderr.strip()}")
+        return 1
+    if before is None:
+        return 0
+    started, state = time.monotonic(), {"workers": [], "old workers": []}
+    while time.monotonic() - started < args.timeout:
+        try:
+            state = workers(args.master_socket)
+        except OSError:  # the master re-executes itself on reload: a moment without its socket
+            state = {"workers": [], "old workers": ["?"]}
+        if set(state["workers"]) - before and not state["old workers"]:
+            print(f"HAProxy reloaded: the previous worker finished its requests after "
+                  f"{time.monotonic() - started:.1f}s")
+            return 0
+        time.sleep(0.2)
+    print(f"HAProxy reloaded; after {args.timeout}s the previous worker still has requests "
+          f"(workers {state['workers']}, old {state['old workers']}): going on")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", default="/run/haproxy/admin.sock")
@@ -96,8 +152,12 @@ def main() -> int:
         p.add_argument("server")
         p.add_argument("--timeout", type=float, default=120)
     sub.add_parser("show")
+    p = sub.add_parser("reload")
+    p.add_argument("--unit", default="haproxy.service")
+    p.add_argument("--master-socket", default="/run/haproxy-master.sock")
+    p.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
-    return {"drain": drain, "ready": ready, "show": show}[args.command](args)
+    return {"drain": drain, "ready": ready, "show": show, "reload": reload}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from pyinfra import host, state
 from pyinfra.api import deploy
-from pyinfra.operations import files
 
 from llmhost import (base, buildplan, cuda, gateway, gpu, llamacpp, preflight, retention,
-                     services, timing, weights)
+                     secrets, services, timing, weights)
 from llmhost import manifest as record
 from llmhost.facts import JsonFile, KeyAccepted
 from llmhost.manifest import Manifest
+from llmhost.settings import HostSettings
 
 logger = logging.getLogger("llmhost")
 
@@ -25,8 +26,16 @@ def llama_server() -> None:
     Order: validate every host's settings (before anything runs), read the host and run its
     preflight (a failing host stops here, the others go on), base packages/user/directories,
     CUDA toolkit when asked, llama.cpp source and build, model files, API keys, then each
-    service's unit behind a health gate, one service at a time, and last the manifest the host
-    suite checks.
+    service's unit behind a health gate, one service at a time; then the gateways' backend
+    keys, then a rotated key's previous value dropped from the services; and last the manifest
+    the host suite checks.
+
+    pyinfra orders operations as a graph of each host's sequence: an operation every host
+    defines at the same line waits for all hosts' earlier steps. ``gateway.move_backend_keys``
+    is one (a no-op but on gateways): every step of ``_serve`` runs on every host before it, and
+    ``_finish`` after it. A backend key rotated through a gateway thus fails no request: the
+    backends accept the new and the previous key, the gateway moves to the new one, the
+    backends drop the previous one.
 
     Global arguments given to the call (``llama_server(_sudo=True)``) reach every step.
 
@@ -42,10 +51,29 @@ def llama_server() -> None:
     settings = preflight.inventory_settings()[host.name]
     if settings.gateway:
         gateway.gateway(settings)
-    if not settings.managed:
-        if not settings.gateway:
-            logger.warning(f"[{host.name}] no llm_services in its data: llmhost leaves this host alone")
-        return
+    if not settings.managed and not settings.gateway:
+        logger.warning(f"[{host.name}] no llm_services in its data: llmhost leaves this host alone")
+    served = _serve(settings) if settings.managed else None
+    # On every host (a no-op but on gateways), so that it waits for every host's steps above.
+    gateway.move_backend_keys(settings)
+    if served:
+        _finish(settings, served)
+
+
+@dataclass
+class _Served:
+    """What _serve leaves for _finish: the manifest's inputs, and the services whose previous
+    key is dropped once the gateways have moved to the new one."""
+
+    build: buildplan.Build
+    models: dict
+    rendered: dict[str, str]
+    manifest_file: str
+    argv_options: dict[str, list[str]] = field(default_factory=dict)
+    drop_previous_key: list[dict] = field(default_factory=list)
+
+
+def _serve(settings: HostSettings) -> _Served | None:
     for service in settings.services:
         for warning in service.warnings:
             logger.warning(f"[{host.name}] {warning}")
@@ -59,7 +87,7 @@ def llama_server() -> None:
     problems += preflight.disk_problems(settings, facts, build, models)
     if problems:
         preflight.fail(problems)
-        return
+        return None
 
     base.packages()
     base.service_user(settings)
@@ -93,7 +121,11 @@ def llama_server() -> None:
                        f"{', '.join(s['name'] for s in removed)}; their units are retired, one whose "
                        f"port a new service takes once that one is healthy (keys, models and "
                        f"builds stay)")
-    rendered = {}
+    # Behind gateways a pushed key is rotated in two steps (see llama_server): the new one is
+    # written first with the previous ones after it, which the server then accepts as well.
+    gateway_hosts = gateway.gateways()
+    all_gateways_in_run = set(gateway_hosts) <= set(state.inventory.get_active_hosts())
+    served = _Served(build, models, {}, manifest_file)
     for service in settings.services:
         # A service restarts behind the health gate when its unit is new or changed, and also
         # when what it runs changed under the same unit: a build repaired in place, or a key
@@ -101,9 +133,19 @@ def llama_server() -> None:
         restart_on = [build_op]
         path = services.key_path(settings, service)
         if path and service.api_key_file:
-            restart_on.append(files.put(name=f"API key of {service.name}", src=service.api_key_file,
-                                        dest=path, user="root", group=settings.service_user,
-                                        mode=services.KEY_MODE))
+            key = secrets.Secret(secrets.read_key(service.api_key_file) + "\n")
+            present = host.get_fact(secrets.SecretFile, path=path)
+            restart_on.append(secrets.put(
+                name=f"API key of {service.name}", src=key, dest=path, user="root",
+                group=settings.service_user, mode=services.KEY_MODE,
+                keep_previous=bool(gateway_hosts)))
+            if gateway_hosts and present and present["sha256"] != key.sha256:
+                if all_gateways_in_run:
+                    served.drop_previous_key.append({"service": service, "key": key, "path": path})
+                else:
+                    logger.warning(f"[{host.name}] {service.name}: its key changes while a gateway "
+                                   f"is not in this run: the previous key stays accepted until a "
+                                   f"run that includes every gateway")
         elif path:
             restart_on.append(services.generated_key(name=f"API key of {service.name}", path=path,
                                                      group=settings.service_user))
@@ -112,28 +154,50 @@ def llama_server() -> None:
         # A GPU service (re)started outside the deploy may have found no GPU: repaired here.
         off_gpu = service.uses_gpu and services.off_its_gpus(service)
         unit_text = services.render_unit(settings, service, build, models[service.name], device_allow)
-        rendered[service.unit_name] = unit_text
-        # Behind gateways: out of them around the switch, llm_max_unavailable hosts at a time.
-        drain, undrain = gateway.drain_steps(settings, service)
-        rolling = {"_parallel": settings.max_unavailable} if drain else {}
-        services.health_gated_unit(
-            name=f"Service {service.unit_name}", unit=service.unit_name, unit_text=unit_text,
-            health_url=service.health_url,
-            argv_options=services.argv_options(settings, service, build, models[service.name]),
-            timeout=services.health_timeout(settings, models[service.name]),
-            service_name=service.name, on_gpu=service.uses_gpu,
-            gpus=list(service.gpus) if service.gpus is not None else None,
-            restart_if=lambda ops=restart_on, refused=key_refused, off=off_gpu:
-                refused or off or services.any_changed(ops),
-            replaces=services.handed_over(service, removed), drain=drain, undrain=undrain,
-            **rolling)
+        served.rendered[service.unit_name] = unit_text
+        served.argv_options[service.name] = services.argv_options(settings, service, build,
+                                                                  models[service.name])
+        _gated_unit(settings, service, models[service.name], unit_text,
+                    served.argv_options[service.name],
+                    restart_if=lambda ops=restart_on, refused=key_refused, off=off_gpu:
+                        refused or off or services.any_changed(ops),
+                    replaces=services.handed_over(service, removed), name=f"Service {service.unit_name}")
     if removed:
         services.retired_units(name="Retire removed services", units=[s["unit"] for s in removed])
     retention.old_versions(name="Remove old builds and model versions",
                            install_dir=settings.install_dir, model_dir=settings.model_dir,
-                           rendered=rendered, keep_previous=settings.keep_previous)
+                           rendered=served.rendered, keep_previous=settings.keep_previous)
+    return served
+
+
+def _finish(settings: HostSettings, served: _Served) -> None:
+    # The gateways send the new keys now: each service whose key was rotated drops the previous
+    # one, restarted behind the gateways' drain again.
+    for entry in served.drop_previous_key:
+        service = entry["service"]
+        dropped = secrets.put(name=f"API key of {service.name} (previous key dropped)",
+                              src=entry["key"], dest=entry["path"], user="root",
+                              group=settings.service_user, mode=services.KEY_MODE)
+        _gated_unit(settings, service, served.models[service.name],
+                    served.rendered[service.unit_name], served.argv_options[service.name],
+                    restart_if=lambda op=dropped: services.any_changed([op]), replaces=[],
+                    name=f"Service {service.unit_name} (previous key dropped)")
 
     # Last, so it only describes a host whose every step above succeeded.
-    record.manifest_file(name="Manifest for tests/host", dest=manifest_file,
-                         manifest=Manifest.for_deploy(settings, build, models, rendered))
+    record.manifest_file(name="Manifest for tests/host", dest=served.manifest_file,
+                         manifest=Manifest.for_deploy(settings, served.build, served.models,
+                                                      served.rendered))
 
+
+def _gated_unit(settings: HostSettings, service, model, unit_text: str,
+                argv_options: list[str], restart_if, replaces, name: str):
+    """The service's unit behind the health gate; behind gateways, out of them around the
+    switch, llm_max_unavailable hosts at a time."""
+    drain, undrain = gateway.drain_steps(settings, service)
+    rolling = {"_parallel": settings.max_unavailable} if drain else {}
+    return services.health_gated_unit(
+        name=name, unit=service.unit_name, unit_text=unit_text, health_url=service.health_url,
+        argv_options=argv_options, timeout=services.health_timeout(settings, model),
+        service_name=service.name,
+        on_gpu=service.uses_gpu, gpus=list(service.gpus) if service.gpus is not None else None,
+        restart_if=restart_if, replaces=replaces, drain=drain, undrain=undrain, **rolling)

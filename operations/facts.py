@@ -169,11 +169,12 @@ class FileDigests(FactBase):
 class KeyAccepted(FactBase):
     """Whether the running service accepts the key in its key file (/v1/models with it): False
     when it answers 401, as after the file was replaced or made again while it ran; None when
-    nothing answers or the file cannot be read. The key is read on the host, never sent here."""
+    nothing answers or the file cannot be read. The key is the file's first line (a rotation
+    keeps the previous keys after it for a while). It is read on the host, never sent here."""
 
     def command(self, url: str, key_file: str) -> str:
         script = ("import sys,urllib.request,urllib.error\n"
-                  "try: key=open(sys.argv[2]).read().strip()\n"
+                  "try: key=open(sys.argv[2]).readline().strip()\n"
                   "except OSError: print('none'); sys.exit()\n"
                   "r=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '+key})\n"
                   "try: print(urllib.request.urlopen(r,timeout=10).status)\n"

@@ -8,10 +8,16 @@ service's slots so extra requests queue at the gateway; retries and redispatch w
 connection fails or a server dies before answering; keys checked at the edge; Prometheus on a
 loopback port. Redeploys of the backends drain each server here first (see ``drain_steps``).
 
-Secrets: client keys are made on the gateway (root-only files) and the config names only their
-sha256 (clients.map); the key the gateway shows a backend is the service's pushed key
-(api_key_file on the controller), written to backend-keys.map, root-only. Neither is in the
-config text, a command line or pyinfra's output.
+Secrets: client keys are made on the gateway (root-only files) or pushed, and the config names
+only their sha256 (clients.map); the key the gateway shows a backend is the service's pushed key
+(api_key_file on the controller), written to backend-keys.map, root-only. Pushed keys, the map
+and the TLS PEM travel through llmhost.secrets (stdin only): none is in the config text, a
+command line, a temporary file or pyinfra's output, --diff included.
+
+A backend key rotated in one deploy fails no request: each backend first accepts the new key and
+the previous one (its switch, behind the drain), then the gateway moves to the new key
+(``backend_keys``, an operation every host shares, so it waits for all of them), then each
+backend drops the previous key (llmhost.deploys).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pyinfra.context import ctx_state
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, systemd
 
-from llmhost import base, data_dir, preflight, remote, services
+from llmhost import base, data_dir, preflight, remote, secrets, services
 from llmhost.facts import FileDigests
 from llmhost.remote import HELPER_DIR
 from llmhost.settings import GATEWAY_ALIAS_RE, GatewaySpec, HostSettings, SettingsError, \
@@ -49,6 +55,8 @@ TLS_PEM = f"{STATE_DIR}/tls.pem"
 # What the deploy made of llm_gateway, for the host suite (tests/host/test_gateway.py): no key.
 RECORD = f"{STATE_DIR}/gateway.json"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
+# The master-worker CLI of Debian's and Ubuntu's haproxy.service (-S, its EXTRAOPTS).
+MASTER_SOCKET = "/run/haproxy-master.sock"
 TEMPLATES = data_dir("templates")
 MIB = 1024 * 1024
 # HAProxy's buffers hold a request's headers and body together, and keep tune.maxrewrite
@@ -187,15 +195,14 @@ def record(spec: GatewaySpec, fleet_backends: tuple[Backend, ...]) -> str:
         indent=1) + "\n"
 
 
-def backend_keys_map(fleet_backends: tuple[Backend, ...]) -> str:
+def backend_keys_map(fleet_backends: tuple[Backend, ...]) -> secrets.Secret:
     """backend name -> "Bearer KEY", for the Authorization header the gateway sets. A secret:
-    it only ever travels as a file upload."""
+    it only ever travels through secrets.put."""
     lines = []
     for backend in fleet_backends:
         if backend.key_file:
-            key = Path(backend.key_file).read_text().strip()
-            lines.append(f"{backend.name} Bearer {key}")
-    return "".join(f"{line}\n" for line in lines)
+            lines.append(f"{backend.name} Bearer {secrets.read_key(backend.key_file)}")
+    return secrets.Secret("".join(f"{line}\n" for line in lines))
 
 
 # ------------------------------------------------------------------------------- operations
@@ -270,6 +277,27 @@ def haproxy_config(text: str, path: str = CONFIG):
            f"unchanged' >&2; exit 1; fi")
 
 
+@operation()
+def reload(drain_timeout: int, unit: str = "haproxy.service"):
+    """Reload HAProxy (the new worker takes the listening sockets over, so no connection is
+    refused) and wait until the previous worker has finished the requests it had, at most
+    ``drain_timeout`` seconds: a backend restarted after this is drained at the new worker,
+    while the old one could still be sending it requests.
+
+    + drain_timeout: seconds to wait for the previous worker
+    + unit: HAProxy's unit
+
+    **Example:**
+
+    .. code:: python
+
+        reload(name="HAProxy reload", drain_timeout=120)
+    """
+    yield remote.streamed(remote.helper_command(
+        "gateway_admin.py", "reload", "--unit", unit, "--master-socket", MASTER_SOCKET,
+        "--timeout", str(drain_timeout)), "HAProxy reload")
+
+
 def gateway(settings: HostSettings) -> None:
     """Converge this host into a gateway for every service of the inventory."""
     spec = settings.gateway
@@ -289,28 +317,78 @@ def gateway(settings: HostSettings) -> None:
     base.helpers()
     for path in (STATE_DIR, CLIENT_KEYS):
         files.directory(name=f"Directory {path}", path=path, user="root", group="root", mode="700")
-    # Pushed keys travel as file contents only, without a newline: the map hashes the file.
-    pushed = {name: Path(path).read_text().strip() for name, path in spec.client_key_files}
-    changed = [files.put(name=f"Client key {name} (pushed)", src=StringIO(key),
-                         dest=f"{CLIENT_KEYS}/{name}.key", user="root", group="root", mode="600")
+    # Pushed keys without a newline: clients.map holds the sha256 of each key file.
+    pushed = {name: secrets.Secret(secrets.read_key(path)) for name, path in spec.client_key_files}
+    changed = [secrets.put(name=f"Client key {name} (pushed)", src=key,
+                           dest=f"{CLIENT_KEYS}/{name}.key", user="root", group="root", mode="600")
                for name, key in pushed.items()]
     keys = client_keys(name="Client keys", clients=list(spec.clients), pushed={
-        name: hashlib.sha256(key.encode()).hexdigest() for name, key in pushed.items()})
-    backend_keys = files.put(name="Backend keys", src=StringIO(backend_keys_map(fleet_backends)),
-                             dest=BACKEND_KEYS_MAP, user="root", group="root", mode="600")
-    changed += [packages, keys, backend_keys]
+        name: key.sha256 for name, key in pushed.items()})
+    changed += [packages, keys]
+    # The map moves to this run's keys after the backends' switches (backend_keys); a new
+    # gateway gets it here, as HAProxy refuses a config whose map file is missing.
+    if host.get_fact(secrets.SecretFile, path=BACKEND_KEYS_MAP) is None:
+        changed.append(secrets.put(name="Backend keys (new gateway)",
+                                   src=backend_keys_map(fleet_backends), dest=BACKEND_KEYS_MAP))
     if spec.tls_cert_file:
-        changed.append(files.put(name="TLS certificate", src=spec.tls_cert_file, dest=TLS_PEM,
-                                 user="root", group="root", mode="600"))
+        changed.append(secrets.put(name="TLS certificate", src=secrets.Secret.from_file(
+            spec.tls_cert_file), dest=TLS_PEM))
     changed.append(haproxy_config(name="HAProxy config", text=render_config(spec, fleet_backends)))
     systemd.service(name="HAProxy running", service="haproxy.service", running=True, enabled=True)
-    # A reload: the new process takes the listening sockets over (expose-fd listeners), the old
-    # one finishes its requests, so no connection is dropped.
-    systemd.service(name="HAProxy reload", service="haproxy.service", reloaded=True,
-                    _if=lambda: services.any_changed(changed))
+    reload(name="HAProxy reload", drain_timeout=spec.drain_timeout,
+           _if=lambda: services.any_changed(changed))
     # Last, so it only describes a gateway whose every step above succeeded.
     files.put(name="Gateway record for tests/host", src=StringIO(record(spec, fleet_backends)),
               dest=RECORD, user="root", group="root", mode="644")
+
+
+@operation()
+def backend_keys(content: secrets.Secret | None, drain_timeout: int = 120,
+                 path: str = BACKEND_KEYS_MAP):
+    """The gateway's backend-keys map moved to ``content`` (secrets.put), and HAProxy reloaded
+    when it changed, waiting for the previous worker's requests (see ``reload``).
+
+    Every host of the run defines this operation, at the same line (``content`` None: not a
+    gateway, nothing to do), because pyinfra orders operations as a graph of each host's own
+    sequence (pyinfra.api.state.State.get_op_order): an operation one host alone defines may
+    run before other hosts' earlier lines, while one that every host shares waits for all of
+    them. So the map moves only once every backend of the run has switched to accept the new
+    key, and the backends drop the previous one only after it.
+
+    + content: the map, ``backend_keys_map(...)``; None on a host that is not a gateway
+    + drain_timeout: seconds the reload waits for the previous worker
+    + path: the map file
+
+    **Example:**
+
+    .. code:: python
+
+        backend_keys(name="Backend keys", content=backend_keys_map(fleet_backends),
+                     drain_timeout=120)
+    """
+    if content is None:
+        host.noop("not a gateway")
+        return
+    commands = list(secrets.put._inner(src=content, dest=path))
+    if commands:
+        yield from commands
+        yield from reload._inner(drain_timeout=drain_timeout)
+
+
+def move_backend_keys(settings: HostSettings) -> None:
+    """``backend_keys`` on this host: the map on a gateway, nothing elsewhere (see there)."""
+    content = None
+    if settings.gateway:
+        fleet, addresses = fleet_settings()
+        content = backend_keys_map(backends(fleet, addresses))
+        present = host.get_fact(secrets.SecretFile, path=BACKEND_KEYS_MAP)
+        outside = sorted(set(fleet) - {h.name for h in state.inventory.get_active_hosts()})
+        if present and present["sha256"] != content.sha256 and outside:
+            logger.warning(f"[{host.name}] backend keys change while {', '.join(outside)} are not "
+                           f"in this run: the gateway sends their services a key they may not "
+                           f"accept yet (deploy them with the gateway)")
+    backend_keys(name="Backend keys", content=content,
+                 drain_timeout=settings.gateway.drain_timeout if settings.gateway else 120)
 
 
 # Per run: keyed by the State itself (``pyinfra.state`` is a proxy, the same object in every run).

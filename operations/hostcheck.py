@@ -21,7 +21,7 @@ def http(host, url: str, *, key_file: str | None = None, body: dict | None = Non
         "import json,sys,urllib.request,urllib.error\n"
         "url,key_file,body=sys.argv[1],sys.argv[2],sys.argv[3]\n"
         "headers={'Content-Type':'application/json'}\n"
-        "if key_file: headers['Authorization']='Bearer '+open(key_file).read().strip()\n"
+        "if key_file: headers['Authorization']='Bearer '+open(key_file).readline().strip()\n"
         "req=urllib.request.Request(url,data=body.encode() if body else None,headers=headers)\n"
         "try:\n"
         f"    r=urllib.request.urlopen(req,timeout={timeout}); print(r.status); print(r.read().decode())\n"

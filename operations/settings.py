@@ -159,7 +159,9 @@ def _str_list(v: Any) -> bool:
 
 
 def _gpu_indexes(v: Any) -> bool:
-    return all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+    # Distinct: CUDA_VISIBLE_DEVICES=0,0 is one GPU named twice, not two.
+    return all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v) \
+        and len(set(v)) == len(v)
 
 
 def _fa_pair_list(v: Any) -> bool:
@@ -300,7 +302,7 @@ class ServiceSpec:
                                                  "(CUDA_VISIBLE_DEVICES; --device names each, so "
                                                  "it exits rather than serve without them); "
                                                  "unset: all of the host's", types=(list,),
-                                           allowed="a list of non-negative integers",
+                                           allowed="a list of distinct non-negative integers",
                                            check=_gpu_indexes, convert=tuple,
                                            owns=("-dev", "--device"))
     api_key_file: str | None = setting(None, "controller path of a file holding this service's "
@@ -687,6 +689,12 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
         problems.append(f"host {host_name}: llm_llamacpp_local_path: found nothing, expected the "
                         f"controller path of a llama.cpp tarball or git checkout for source 'local'")
     gateway = _load_gateway(host_name, ours["llm_gateway"], problems) if "llm_gateway" in ours else None
+    # The gateway's ports are the host's too (whatever the binds: one port, one listener).
+    for setting, port in ((("port", gateway.port), ("metrics_port", gateway.metrics_port))
+                          if gateway else ()):
+        if port in seen_ports:
+            problems.append(f"host {host_name}: llm_gateway.{setting}: found {port}, already used "
+                            f"by llm_services.{seen_ports[port]}, expected a port unique on the host")
     if problems:
         raise SettingsError(problems)
     typed = _typed(HostSettings, values, prefix=PREFIX)

@@ -11,6 +11,12 @@ a client would.
 - a backend's llama-server killed under load: no failed request, marked down then up;
 - a 1 MB chat request naming the second model after its messages reaches that model;
 - a backend deployed without its gateway (--limit) is not restarted; with it, it is drained.
+- a client key revoked: 401 after the deploy;
+- secrets rotated (the backend key under load, with --diff; again with -vvv, the pushed client
+  key and a TLS PEM with it; the PEM and the client key again with --debug): zero failed
+  requests, the previous backend key refused by every backend, a zero-change rerun (--json),
+  and no old or new secret in pyinfra's output, a journal, a process's argv or environment, or
+  a file under /tmp or /var/tmp of any host.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import contextlib
 import json
 import pprint
 import re
+import secrets
+import shlex
+import ssl
 import subprocess
 import sys
 import threading
@@ -59,11 +68,12 @@ def site(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         hosts = {name: stack.enter_context(deployment.booted(name)) for name in (*BACKENDS, GATEWAY)}
 
-        def inventory(file: str, clients=("tester", "other"), **service) -> Path:
+        def inventory(file: str, clients=("tester", "other"), key=backend_key, pushed=pushed_client,
+                      tls=None, **service) -> Path:
             servers = [(name, {**hosts[name].pyinfra_data(), "llm_llamacpp_source": "local",
                                "llm_llamacpp_local_path": str(source),
                                "llm_services": {"translate": deployment.service_settings(
-                                   ports[name], model, api_key_file=str(backend_key), **service),
+                                   ports[name], model, api_key_file=str(key), **service),
                                    # A second model on back1: the same GGUF, its own alias.
                                    **({"chat": deployment.service_settings(
                                        chat_port, model, alias="chat", parallel=1, ctx_size=1024,
@@ -71,7 +81,8 @@ def site(tmp_path_factory):
                        for name in BACKENDS]
             gateways = [(GATEWAY, {**hosts[GATEWAY].pyinfra_data(), "llm_gateway": {
                 "clients": list(clients), "bind": "127.0.0.1", "port": api_port,
-                "client_key_files": {n: str(pushed_client) for n in clients if n == "other"},
+                "client_key_files": {n: str(pushed) for n in clients if n == "other"},
+                **({"tls_cert_file": str(tls)} if tls else {}),
                 "metrics_port": metrics_port, "check_interval": 1, "queue_timeout": 120,
                 # Requests routed nowhere go to translate, so one that reaches chat was routed.
                 "default_model": "translate"}})]
@@ -83,6 +94,7 @@ def site(tmp_path_factory):
         first = run_deploy(inventory("site.py"), timeout=2400)
         assert first.returncode == 0, first.output[-8000:]
         yield {"hosts": hosts, "inventory": inventory, "port": api_port, "first": first,
+               "workdir": workdir, "ports": ports,
                "backend_key": backend_key.read_text().strip(),
                "pushed_client_key": pushed_client.read_text().strip()}
 
@@ -91,17 +103,20 @@ def client_key(site, name: str = "tester") -> str:
     return ssh(site["hosts"][GATEWAY], f"cat /etc/llmhost-gateway/clients/{name}.key").stdout.strip()
 
 
-def complete(port: int, key: str | None, tokens: int = 4) -> int:
-    """One completion through the gateway: its HTTP status, 0 when the connection failed."""
+def complete(port: int, key: str | None, tokens: int = 4, cafile: Path | None = None) -> int:
+    """One completion through the gateway (over TLS when given the certificate to trust): its
+    HTTP status, 0 when the connection failed."""
     body = json.dumps({"model": "translate", "prompt": "Translate to French: good morning",
                        "max_tokens": tokens, "temperature": 0}).encode()
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+    scheme = "https" if cafile else "http"
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/v1/completions", data=body,
                                      headers=headers)
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     try:
-        with urllib.request.urlopen(request, timeout=300) as response:
+        with urllib.request.urlopen(request, timeout=300, context=context) as response:
             return response.status if json.loads(response.read())["choices"] else -1
     except urllib.error.HTTPError as error:
         return error.code
@@ -153,7 +168,8 @@ def test_the_gateway_converges_and_a_rerun_changes_nothing(site):
     changed = site["first"].changed_operations
     # (back1's second switch shares its row with the others' first: pyinfra names an operation
     # by all the names its hosts gave it; be_chat UP below says it ran.)
-    for op in ("HAProxy config", "Client keys", "Backend keys", "Service llama-translate.service"):
+    for op in ("HAProxy config", "Client keys", "Backend keys (new gateway)",
+               "Service llama-translate.service"):
         assert op in changed, changed
     rerun = run_deploy(site["inventory"]("site.py"))
     assert rerun.returncode == 0 and rerun.changed_operations == [], rerun.changed_operations
@@ -336,3 +352,145 @@ def test_a_backend_is_restarted_only_with_its_gateway_in_the_run(site):
     assert "back1-translate drained from be_translate" in included.output
     assert "back1-translate back in be_translate" in included.output
     assert main_pid(site, "back1") != pid
+
+
+# ------------------------------------------------------------------ secrets, rotated and hidden
+
+def new_secret(site, name: str, prefix: str) -> tuple[Path, str]:
+    value = f"{prefix}-{secrets.token_hex(20)}"
+    path = site["workdir"] / name
+    path.write_text(value + "\n")
+    return path, value
+
+
+def self_signed(site, name: str) -> tuple[Path, Path, list[str]]:
+    """A certificate for 127.0.0.1 and its key in one PEM (the gateway's tls_cert_file), the
+    certificate alone (what the client trusts) and the private key's lines (the secret)."""
+    work = site["workdir"]
+    key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    pem = work / f"{name}.pem"
+    pem.write_text(cert.read_text() + key.read_text())
+    return pem, cert, [line for line in key.read_text().splitlines() if not line.startswith("-----")]
+
+
+def leaks(site, values: list[str]) -> dict[str, list[str]]:
+    """Where any of ``values`` is on each host: a file under /tmp or /var/tmp, a process's argv
+    or environment, or the journal. The patterns come over ssh's stdin into a root-only file
+    under /run (not searched), so they are on no command line either."""
+    assert all(values)
+    script = ("umask 077; cat > /run/llmhost-patterns; grep -rlF -f /run/llmhost-patterns /tmp "
+              "/var/tmp /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null; journalctl "
+              "--no-pager | grep -cF -f /run/llmhost-patterns; rm -f /run/llmhost-patterns")
+    found = {}
+    for name, host in site["hosts"].items():
+        result = subprocess.run(["ssh", "-F", str(host.ssh_config), name, script], capture_output=True,
+                                text=True, input="\n".join(values) + "\n", timeout=120)
+        if result.stdout.split() != ["0"]:
+            found[name] = result.stdout.split()
+    return found
+
+
+def backend_answers(site, name: str, key: str) -> int:
+    """/v1/models of a backend, asked on its host with ``key`` (sent on ssh's stdin)."""
+    script = ("import sys,urllib.request,urllib.error\n"
+              "r=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '+sys.stdin.readline().strip()})\n"
+              "try: print(urllib.request.urlopen(r,timeout=30).status)\n"
+              "except urllib.error.HTTPError as e: print(e.code)")
+    url = f"http://127.0.0.1:{site['ports'][name]}/v1/models"
+    host = site["hosts"][name]
+    result = subprocess.run(["ssh", "-F", str(host.ssh_config), name,
+                             f"python3 -c {shlex.quote(script)} {url}"], capture_output=True, text=True,
+                            input=key + "\n", timeout=60)
+    return int(result.stdout.strip() or 0)
+
+
+def started(output: str, operation: str) -> list[int]:
+    """Line numbers where pyinfra started ``operation`` (one per batch of hosts)."""
+    return [i for i, line in enumerate(output.splitlines())
+            if re.search(rf"Starting operation: .*\| {re.escape(operation)}\s*$", line)]
+
+
+def test_a_backend_key_rotated_under_load_fails_no_request_and_diff_shows_no_secret(site):
+    old_key = site["backend_key"]
+    key_path, new_key = new_secret(site, "translate-2.key", "sk-backend")
+    pushed_path, pushed = new_secret(site, "other-2.key", "sk-other")
+    old_pushed = site["pushed_client_key"]
+    inventory = site["inventory"]("rotate.py", key=key_path, pushed=pushed_path, ctx_size=4096)
+    load = Load(site["port"], client_key(site))
+    load.start()
+    time.sleep(3)
+    result = run_deploy(inventory, "--diff", timeout=1800)
+    time.sleep(2)
+    statuses = load.stop()
+    assert result.returncode == 0, result.output[-6000:]
+    assert len(statuses) > 20 and set(statuses) == {200}, (
+        f"{len(statuses)} requests, {len(statuses) - statuses.count(200)} failed "
+        f"({sorted(set(statuses) - {200})}); operations in the order they ran: "
+        f"{[line.rpartition(' | ')[2].strip() for line in result.output.splitlines() if 'Starting operation' in line]}")
+    # Every backend accepts the new key and no longer the previous one.
+    for name in BACKENDS:
+        assert (backend_answers(site, name, new_key), backend_answers(site, name, old_key)) == (200, 401), name
+    assert complete(site["port"], pushed) == 200
+    # The three steps, in order across the hosts: all backends accept both keys, the gateway
+    # moves, all backends drop the previous key.
+    switch, move, drop = (started(result.output, op) for op in (
+        "Service llama-translate.service", "Backend keys", "Service llama-translate.service (previous key dropped)"))
+    assert switch and move and drop and max(switch) < min(move) and max(move) < min(drop), (switch, move, drop)
+    changed = set(result.changed_operations)
+    assert {"API key of translate", "Backend keys", "API key of translate (previous key dropped)",
+            "Service llama-translate.service (previous key dropped)", "Client key other (pushed)"} <= changed, changed
+    assert "HAProxy reloaded: the previous worker finished its requests" in result.output
+    # --diff names the secret files that change, never their lines.
+    assert "Will change content (a secret: not shown) of /etc/llama/keys/translate.key" in result.output
+    assert "Will change content (a secret: not shown) of /etc/llmhost-gateway/backend-keys.map" in result.output
+    values = [old_key, new_key, old_pushed, pushed, client_key(site)]
+    assert not [v for v in values if v in result.output]
+    assert leaks(site, values) == {}
+    # The next deploy changes nothing, as --json reports it (and shows no secret either).
+    rerun = subprocess.run([sys.executable, "-m", "pyinfra", str(inventory), "deploy.py", "-y", "--json"],
+                           cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    results = json.loads(rerun.stdout)["results"]
+    assert results["totals"]["success"] == 0 and not results["failed_hosts"], results["totals"]
+    assert not [v for v in values if v in rerun.stdout + rerun.stderr]
+    site.update(backend_key=new_key, backend_key_path=key_path, pushed_client_key=pushed)
+    print(f"backend key rotated under load: {len(statuses)} requests, all 200; deploy {result.seconds:.0f}s")
+
+
+def test_secrets_rotated_under_vvv_and_debug_are_in_no_output_journal_argv_or_temp_file(site):
+    """-vvv prints every command pyinfra runs and every output, --debug its internals: the
+    rotated backend key, the pushed client key and a TLS PEM with its private key in none."""
+    old_key, old_pushed = site["backend_key"], site["pushed_client_key"]
+    key_path, new_key = new_secret(site, "translate-3.key", "sk-backend")
+    pushed_path, pushed = new_secret(site, "other-3.key", "sk-other")
+    pem, cert, private = self_signed(site, "tls-1")
+    result = run_deploy(site["inventory"]("vvv.py", key=key_path, pushed=pushed_path, tls=pem,
+                                          ctx_size=4096), "-vvv", timeout=1800)
+    assert result.returncode == 0, result.output[-6000:]
+    assert ">>> " in result.output and "umask 077" in result.output  # commands were printed
+    assert {"API key of translate", "Backend keys", "TLS certificate", "Client key other (pushed)",
+            "API key of translate (previous key dropped)"} <= set(result.changed_operations)
+    for name in BACKENDS:
+        assert (backend_answers(site, name, new_key), backend_answers(site, name, old_key)) == (200, 401), name
+    assert complete(site["port"], client_key(site), cafile=cert) == 200
+    assert complete(site["port"], pushed, cafile=cert) == 200
+    values = [old_key, new_key, old_pushed, pushed, *private]
+    assert not [v for v in values if v in result.output]
+    assert leaks(site, values) == {}
+
+    # --debug: the PEM and the client key again (the gateway's steps only).
+    pem2, cert2, private2 = self_signed(site, "tls-2")
+    pushed_path2, pushed2 = new_secret(site, "other-4.key", "sk-other")
+    debug = run_deploy(site["inventory"]("debug.py", key=key_path, pushed=pushed_path2, tls=pem2,
+                                         ctx_size=4096), "--debug", timeout=900)
+    assert debug.returncode == 0, debug.output[-6000:]
+    assert "[pyinfra.connectors" in debug.output  # the debug log was on
+    assert {"TLS certificate", "Client key other (pushed)"} <= set(debug.changed_operations)
+    assert complete(site["port"], pushed2, cafile=cert2) == 200
+    values += [pushed2, *private2]
+    assert not [v for v in values if v in debug.output]
+    assert leaks(site, values) == {}
+    print(f"-vvv run {result.seconds:.0f}s, --debug run {debug.seconds:.0f}s; no secret anywhere")

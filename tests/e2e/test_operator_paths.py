@@ -16,11 +16,15 @@
 - `--limit`: only the limited hosts' Hugging Face models are resolved (the fake Hub counts);
 - a CPU-only change restarts only its own service, with no build;
 - retention: three model revisions leave the live one, its rollback target and one more; what
-  goes is named; a rollback after that still works.
+  goes is named; a rollback after that still works;
+- a secret pushed to the sudo host while its sudo asks a password (`_sudo_password`): the
+  password goes through pyinfra's askpass helper, the secret on stdin, and neither is in the
+  output (-vvv --debug), the journal, an argv or a file under /tmp or /var/tmp.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import subprocess
@@ -82,6 +86,59 @@ def site(installed, tmp_path_factory):
         yield {"root": root_host, "sudo": sudo_host, "git_url": git_url, "hub": hub,
                "folder": folder, "venv": installed, "model": model,
                "env": {"HF_ENDPOINT": hub.endpoint}}
+
+
+SECRET_DEPLOY = """from llmhost.secrets import Secret, put
+
+put(name="A pushed secret", src=Secret(open({key!r}).read()), dest="/etc/llmhost-sudo-test/s.key",
+    user="root", group="root", mode="600")
+"""
+# What the host's sudoers holds for the login user during the password test, and after it.
+SUDO_WITH_PASSWORD, SUDO_WITHOUT = "deploy ALL=(ALL) ALL\n", "deploy ALL=(ALL) NOPASSWD: ALL\n"
+
+
+def host_leaks(host, values: list[str]) -> str:
+    """Files under /tmp and /var/tmp, argv and environments, the journal of ``host`` that hold
+    any of ``values`` (the patterns go on stdin into a root-only file under /run)."""
+    return host.exec("sh", "-c", "umask 077; cat > /run/llmhost-patterns; grep -rlF -f "
+                     "/run/llmhost-patterns /tmp /var/tmp /proc/[0-9]*/cmdline /proc/[0-9]*/environ "
+                     "2>/dev/null; journalctl --no-pager | grep -cF -f /run/llmhost-patterns; "
+                     "rm -f /run/llmhost-patterns", input="\n".join(values) + "\n", check=False).stdout
+
+
+def test_a_secret_reaches_a_host_whose_sudo_asks_a_password(site):
+    host, folder = site["sudo"], site["folder"]
+    password, key = f"pw-{secrets.token_hex(12)}", f"sk-sudo-{secrets.token_hex(20)}"
+    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    before = host.exec("getent", "shadow", "deploy").stdout.split(":")[1]
+    host.exec("usermod", "-p", hashed, "deploy")
+    host.exec("sh", "-c", "mkdir -m 700 -p /etc/llmhost-sudo-test && cat > /etc/sudoers.d/deploy",
+              input=SUDO_WITH_PASSWORD)
+    try:
+        asks = subprocess.run(["ssh", "-F", str(host.ssh_config), host.name, "sudo -n true"],
+                              capture_output=True, text=True, timeout=60)
+        assert asks.returncode != 0 and "password is required" in asks.stderr, asks.stderr
+        (folder / "key").write_text(key)
+        (folder / "secret_deploy.py").write_text(SECRET_DEPLOY.format(key=str(folder / "key")))
+        inventory = write_inventory(site, "sudo-password.py", {
+            "sudodeploy": (host, {"_sudo_password": password})})
+        result = subprocess.run([str(site["venv"] / "bin" / "pyinfra"), inventory.name,
+                                 "secret_deploy.py", "-y", "-vvv", "--debug"], cwd=folder,
+                                capture_output=True, text=True, timeout=300)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-4000:]
+        assert "sudo -H -A -k" in output  # the password went to sudo through askpass
+        written = on_host(host, "stat -c '%U:%G %a' /etc/llmhost-sudo-test/s.key && "
+                                "sha256sum < /etc/llmhost-sudo-test/s.key").split()
+        assert written[:2] == ["root:root", "600"]
+        assert written[2] == hashlib.sha256(key.encode()).hexdigest()  # whole: nothing else on stdin
+        assert password not in output and key not in output
+        assert host_leaks(host, [password, key]).split() == ["0"]
+    finally:
+        host.exec("sh", "-c", "cat > /etc/sudoers.d/deploy; rm -rf /etc/llmhost-sudo-test",
+                  input=SUDO_WITHOUT)
+        host.exec("usermod", "-p", before, "deploy")
 
 
 def llm_data(site, port: int, **service) -> dict:

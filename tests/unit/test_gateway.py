@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -24,10 +25,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from pyinfra.context import ctx_host
+from pyinfra.context import ctx_host, ctx_state
 
 from llmhost import gateway, remote
 from llmhost.facts import FileDigests
+from llmhost.secrets import SecretFile
 from llmhost.settings import SettingsError, load_host_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,6 +172,47 @@ def test_the_config_is_installed_only_through_haproxy_check():
     assert run_op(gateway.haproxy_config, same, text=text) == []
 
 
+class SecretHost(FakeHost):
+    """Answers llmhost.secrets.SecretFile: the map as it is on the gateway (None: absent)."""
+
+    def __init__(self, present):
+        super().__init__({})
+        self.present, self.logs = present, []
+
+    def get_fact(self, cls, **kwargs):
+        assert cls is SecretFile
+        return self.present
+
+    def log(self, text, log_func=None):
+        self.logs.append(text)
+
+
+class NoDiff:
+    class config:
+        DIFF = False
+
+
+def test_backend_keys_move_on_a_gateway_with_a_reload_and_nowhere_else(tmp_path):
+    key = tmp_path / "k"
+    key.write_text(BACKEND_KEY + "\n")
+    hosts = fleet({"h1": {"translate": 18083}}, str(key))
+    content = gateway.backend_keys_map(gateway.backends(hosts, {"h1": "10.0.0.1"}))
+    assert content.reveal() == f"be_translate Bearer {BACKEND_KEY}\n".encode()
+    with ctx_state.use(NoDiff()):
+        # Not a gateway: nothing (the operation is there so that it waits for every host).
+        off = SecretHost(None)
+        assert run_op(gateway.backend_keys, off, content=None) == [] and off.noops == ["not a gateway"]
+        same = SecretHost({"user": "root", "group": "root", "mode": "600", "sha256": content.sha256,
+                           "head": None})
+        assert run_op(gateway.backend_keys, same, content=content) == []
+        moved = run_op(gateway.backend_keys, SecretHost({**same.present, "sha256": "0" * 64}),
+                       content=content, drain_timeout=30)
+    assert len(moved) == 2 and BACKEND_KEY not in "".join(moved)
+    assert f"mv -f \"$tmp\" {gateway.BACKEND_KEYS_MAP}" in moved[0]
+    assert moved[1] == ("python3 /usr/local/lib/llmhost/gateway_admin.py reload --unit haproxy.service "
+                        "--master-socket /run/haproxy-master.sock --timeout 30")
+
+
 # ----------------------------------------------------------------- the config, run by HAProxy
 
 def need_haproxy():
@@ -207,7 +250,7 @@ def write_maps(tmp_path: Path, hosts: dict, clients: dict[str, str] | None = Non
     (tmp_path / "clients.map").write_text(
         "".join(f"{hashlib.sha256(key.encode()).hexdigest()} {name}\n" for name, key in clients.items()))
     backends = gateway.backends(hosts, {h: "127.0.0.1" for h in hosts})
-    (tmp_path / "backend-keys.map").write_text(gateway.backend_keys_map(backends))
+    (tmp_path / "backend-keys.map").write_bytes(gateway.backend_keys_map(backends).reveal())
     return {"clients_map": str(tmp_path / "clients.map"),
             "backend_keys_map": str(tmp_path / "backend-keys.map"),
             "admin_socket": str(tmp_path / "admin.sock")}
@@ -306,11 +349,13 @@ def gateway_running(tmp_path, **settings):
     config = tmp_path / "haproxy.cfg"
     config.write_text(gateway.render_config(spec, gateway.backends(hosts, {h: "127.0.0.1" for h in hosts}),
                                             **paths))
-    process = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(config)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    # -S: the master's CLI, as Debian's haproxy.service has it (the reload helper reads it).
+    process = subprocess.Popen(["haproxy", "-W", "-db", "-f", str(config), "-S", str(tmp_path / "master.sock")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: request(port, "/health")[0] == 200, "gateway /health")
         yield {"port": port, "metrics": metrics, "servers": servers, "tmp": tmp_path,
+               "master": str(tmp_path / "master.sock"),
                "socket": paths["admin_socket"], "process": process, "hosts": hosts}
     finally:
         process.send_signal(signal.SIGTERM)  # our haproxy, by its PID
@@ -545,6 +590,29 @@ def gateway_admin_api(gw, command: str) -> str:
         sock.connect(gw["socket"])
         sock.sendall(command.encode() + b"\n")
         return sock.recv(65536).decode()
+def admin_module():
+    spec = importlib.util.spec_from_file_location("gateway_admin", ADMIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reload_helper_sees_the_previous_worker_until_its_requests_end(running_gateway):
+    """What gateway.reload waits for (gateway_admin.py reload): after a reload the previous
+    worker is listed as old while it finishes a request it had, then gone. A backend restarted
+    before that would cut the request (sent with the previous backend key, say)."""
+    gw, workers = running_gateway, admin_module().workers
+    wait_for(lambda: workers(gw["master"]), "the master's CLI")  # opened just after the worker's
+    before = set(workers(gw["master"])["workers"])
+    assert len(before) == 1 and workers(gw["master"])["old workers"] == []
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(request, gw["port"], "/v1/chat/completions", {"model": "translate", "sleep": 3})
+        time.sleep(0.5)
+        gw["process"].send_signal(signal.SIGUSR2)
+        wait_for(lambda: set(workers(gw["master"])["workers"]) - before, "a new worker")
+        assert workers(gw["master"])["old workers"], "the previous worker left before its request ended"
+        assert slow.result()[0] == 200
+    wait_for(lambda: not workers(gw["master"])["old workers"], "the previous worker gone")
 
 
 def test_the_example_group_data_of_gateways_is_valid():

@@ -218,6 +218,48 @@ def test_bad_input_is_one_exact_line(data, expected):
     assert problems_of(data) == [expected]
 
 
+GATEWAY = {"clients": ["team-a"]}
+
+# One port, one listener: a host's services and its gateway share the host's ports; a GPU
+# listed twice is one GPU. (Not in BAD_INPUTS, which the e2e also runs through the CLI: the
+# same load_host_settings path, so the same "before any host changes" proof covers them.)
+CROSS_SETTING_INPUTS = [
+    ("the gateway's API port used by a service",
+     host_data(llm_gateway={**GATEWAY, "port": 18083}),
+     ["host h1: llm_gateway.port: found 18083, already used by llm_services.translate, expected a "
+      "port unique on the host"]),
+    ("the gateway's metrics port used by a service",
+     host_data(llm_gateway={**GATEWAY, "metrics_port": 18083}),
+     ["host h1: llm_gateway.metrics_port: found 18083, already used by llm_services.translate, "
+      "expected a port unique on the host"]),
+    ("both gateway ports used by two services",
+     host_data(llm_services={"a": service(port=8080), "b": service(port=8405)}, llm_gateway=GATEWAY),
+     ["host h1: llm_gateway.port: found 8080, already used by llm_services.a, expected a port "
+      "unique on the host",
+      "host h1: llm_gateway.metrics_port: found 8405, already used by llm_services.b, expected a "
+      "port unique on the host"]),
+    ("the gateway's metrics port on its API port",
+     host_data(llm_gateway={**GATEWAY, "port": 9000, "metrics_port": 9000}),
+     ["host h1: llm_gateway.metrics_port: found 9000, the API's port, expected a port of its own"]),
+    ("a GPU listed twice",
+     host_data(llm_services={"main": service(gpu_layers=99, gpus=[0, 1, 0])}),
+     ["host h1: llm_services.main.gpus: found [0, 1, 0], expected a list of distinct non-negative "
+      "integers"]),
+]
+
+
+@pytest.mark.parametrize("data,expected", [case[1:] for case in CROSS_SETTING_INPUTS],
+                         ids=[case[0] for case in CROSS_SETTING_INPUTS])
+def test_ports_and_gpus_are_unique_per_host(data, expected):
+    assert problems_of(data) == expected
+
+
+def test_a_gateway_beside_services_on_other_ports_is_valid():
+    s = load_host_settings("h1", host_data(llm_services={"main": service(gpu_layers=99, gpus=[1, 0])},
+                                           llm_gateway=GATEWAY))
+    assert (s.gateway.port, s.gateway.metrics_port, s.services[0].gpus) == (8080, 8405, (1, 0))
+
+
 def test_problems_of_every_host_are_reported_together():
     with pytest.raises(SettingsError) as error:
         load_inventory_settings({
