@@ -10,12 +10,14 @@ from pyinfra.api import deploy
 from pyinfra.operations import files
 
 from llmhost import (base, buildplan, cuda, gateway, gpu, llamacpp, preflight, retention,
-                     services, timing, weights)
+                     services, sudostdin, timing, weights)
 from llmhost import manifest as record
 from llmhost.facts import JsonFile, KeyAccepted
 from llmhost.manifest import Manifest
 
 logger = logging.getLogger("llmhost")
+# Every deploy that imports this gives `_sudo_password` to sudo on stdin, not in command strings.
+sudostdin.install()
 
 
 @deploy("llama.cpp server")
