@@ -10,13 +10,15 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 
 from llmhost import (base, buildplan, cuda, gateway, gpu, llamacpp, preflight, retention,
-                     secrets, services, timing, weights)
+                     secrets, services, sudostdin, timing, weights)
 from llmhost import manifest as record
 from llmhost.facts import JsonFile, KeyAccepted
 from llmhost.manifest import Manifest
 from llmhost.settings import HostSettings
 
 logger = logging.getLogger("llmhost")
+# Every deploy that imports this gives `_sudo_password` to sudo on stdin, not in command strings.
+sudostdin.install()
 
 
 @deploy("llama.cpp server")

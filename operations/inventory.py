@@ -25,6 +25,11 @@ from pyinfra.api.command import StringCommand
 from pyinfra.context import ctx_host, ctx_inventory, ctx_state
 from pyinfra_cli.inventory import make_inventory
 
+from llmhost import sudostdin
+
+# The bench's and verify's own commands give `_sudo_password` to sudo on stdin, as the deploy's.
+sudostdin.install()
+
 # Connection arguments a user may set in host data (e.g. _sudo for a non-root ssh_user); they
 # apply to our commands as they do to the deploy's.
 CONNECTOR_DATA = ("_sudo", "_sudo_user", "_use_sudo_login", "_sudo_password", "_preserve_sudo_env",

@@ -7,8 +7,10 @@
   (`ssh_user: deploy`, `_sudo: True`, `_sudo_password`), in the same inventory as a root host:
   both converge in one run, rerun with zero changes and pass the console-script verify; every
   file the deploy made is owned as on the root host; the password appears in no output, no
-  argv, no journal and no temporary file (one place pyinfra itself puts it is an xfail); the
-  same host with passwordless sudo and no password (cloud images) reruns and verifies too;
+  argv, no journal and no temporary file, the deploy's commands included (llmhost.sudostdin: sudo
+  -S reads it from stdin; real sudo there reads exactly that line, a command only its own stdin,
+  also where a NOPASSWD rule means sudo does not ask); the same host with passwordless sudo and
+  no password (cloud images) reruns and verifies too;
 - verify checks host keys as the inventory says: a changed key fails naming the mismatch
   (strict, and also with checking off, as pyinfra), an unknown one under strict checking is
   named, the right key passes, accept-new learns it;
@@ -255,17 +257,62 @@ def test_the_sudo_password_appears_nowhere(converged, rerun, verified):
 
 
 def test_the_deploy_keeps_the_sudo_password_out_of_the_hosts_argv(converged, rerun):
-    """Expected to xfail while pyinfra 3.10 runs `env SUDO_ASKPASS=... PYINFRA_SUDO_PASSWORD=<password>
-    sudo -H -A -k ...` (connectors/util.py make_unix_command): the command string, so the argv of
-    the host's login shell and of env while they start. Any other command holding it fails."""
+    """pyinfra 3.10 alone would run `env SUDO_ASKPASS=... PYINFRA_SUDO_PASSWORD=<password> sudo -H
+    -A -k ...` (the argv of the host's login shell and of env); llmhost.sudostdin gives sudo the
+    password on stdin: every command the login shell ran, facts, operations and uploads alike."""
     host = converged["sudo"]
     commands = leaks.login_commands(host).splitlines()
-    assert any("sudo -H -A -k" in c for c in commands), commands[:5]  # the deploy's, recorded
-    holding = [c for c in commands if host.sudo_password in c]
-    assert [c for c in holding if "PYINFRA_SUDO_PASSWORD=" not in c] == []
-    if holding:
-        pytest.xfail(f"pyinfra's askpass command line holds _sudo_password ({len(holding)} of "
-                     f"{len(commands)} commands the host's login shell ran)")
+    assert sum("sudo -H -S -p '' -k" in c for c in commands) > 50, commands[:5]  # the deploy's, recorded
+    assert [c for c in commands if host.sudo_password in c] == []
+    assert [c for c in commands if "ASKPASS" in c or "sudo -H -A" in c] == []
+
+
+def sudo_session(host):
+    """pyinfra's own API, in this process, to the sudo host with llmhost's hook installed."""
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api.connect import connect_all
+
+    import llmhost.deploys  # noqa: F401  (installs llmhost.sudostdin)
+
+    inventory = Inventory(([("sudodeploy", host.pyinfra_data())], {}))
+    connect_all(State(inventory, Config()))
+    return inventory.get_host("sudodeploy")
+
+
+def run_as_root(session, command: str, password: str, **arguments):
+    from pyinfra.api import StringCommand
+
+    ok, output = session.run_shell_command(StringCommand(command), _sudo=True, _sudo_password=password,
+                                           **arguments)
+    return ok, output.stdout_lines, output.stderr
+
+
+def test_real_sudo_reads_the_password_line_and_the_command_only_its_own_stdin(converged):
+    """Real sudo -S on the host: it reads exactly the password line (no more), asks on every
+    command (-k), and the command's stdin starts at its own first line; a wrong password runs
+    nothing and the command's stdin is not what sudo reads as further tries; `_sudo_user`,
+    `_use_sudo_login` and an upload under sudo work; no command string held the password."""
+    host = converged["sudo"]
+    password = host.sudo_password
+    before = leaks.login_commands(host)
+    session = sudo_session(host)
+    try:
+        for _ in range(2):  # -k: asked again the second time
+            assert run_as_root(session, "cat; id -u", password, _stdin="own one\nown two\n") == \
+                (True, ["own one", "own two", "0"], "")
+        assert run_as_root(session, "cat; id -un", password, _sudo_user="nobody")[:2] == (True, ["nobody"])
+        assert run_as_root(session, "cat; id -u", password, _use_sudo_login=True)[:2] == (True, ["0"])
+        ok, out, err = run_as_root(session, "cat", "not-" + password, _stdin="secret-token\n")
+        assert not ok and out == [] and "secret-token" not in err, (out, err)
+        from io import BytesIO
+        assert session.put_file(BytesIO(b"uploaded\n"), "/root/llmhost-upload-check", _sudo=True,
+                                _sudo_password=password)
+        assert on_host(host, "cat /root/llmhost-upload-check; rm /root/llmhost-upload-check") == "uploaded\n"
+    finally:
+        session.disconnect()
+    commands = leaks.login_commands(host)[len(before):]
+    assert "sudo -H -S -p '' -k -u nobody sh -c" in commands and password not in commands
+    assert leaks.files_holding(host, password, "/tmp", "/var/tmp", f"/home/{host.login_user}") == []
 
 
 def test_a_sudo_deploy_owns_every_file_as_a_root_deploy(converged):
@@ -394,6 +441,14 @@ def test_passwordless_sudo_reruns_and_verifies_too(converged):
     data = {**llm_data(converged, port), "_sudo_password": None}
     inventory = write_inventory(converged, "passwordless.py", {"sudodeploy": (host, data)})
     assert "_sudo_password': None" in inventory.read_text()
+    # Where sudo does not ask (this NOPASSWD rule), a password given anyway is dropped by the
+    # root shell: the command's stdin still starts at its own first line.
+    session = sudo_session(host)
+    try:
+        assert run_as_root(session, "cat; id -u", host.sudo_password, _stdin="own one\n") == \
+            (True, ["own one", "0"], "")
+    finally:
+        session.disconnect()
     before = leaks.login_commands(host)
     rerun = pyinfra(converged, inventory)
     assert rerun.returncode == 0 and rerun.changed_operations == [], rerun.output[-4000:]
