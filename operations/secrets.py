@@ -31,6 +31,12 @@ from pyinfra import host, logger, state
 from pyinfra.api import FactBase, StringCommand, operation
 from pyinfra.api.output import format_text
 
+from llmhost import sudostdin
+
+# A secret written from a user's own deploy file (not only llama_server's) reaches a host whose
+# sudo asks a password with that password on stdin too, never in a command string.
+sudostdin.install()
+
 
 class Secret:
     """Content to write to a host without showing it: ``str()`` and ``repr()`` give its sha256

@@ -33,8 +33,9 @@ and its stdin (over the SSH channel, or the local pipe) is
   through run_shell_command too, so they are covered.
 
 Left to pyinfra as it is: commands without `_sudo` or without a password (`sudo -n`), and any
-with `_su_user`, `_doas` or `_dzdo`. Installed by importing llmhost.deploys (the deploy) and
-llmhost.inventory (the commands llmhost-bench and llmhost-verify run through pyinfra).
+with `_su_user`, `_doas` or `_dzdo`. Installed by importing llmhost.deploys (the deploy),
+llmhost.secrets (secrets written from a user's own deploy file) and llmhost.inventory (the
+commands llmhost-bench and llmhost-verify run through pyinfra).
 """
 
 from __future__ import annotations

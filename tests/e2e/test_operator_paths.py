@@ -19,9 +19,9 @@
 - a CPU-only change restarts only its own service, with no build;
 - retention: three model revisions leave the live one, its rollback target and one more; what
   goes is named; a rollback after that still works;
-- a secret pushed to the sudo host while its sudo asks a password (`_sudo_password`): the
-  password goes through pyinfra's askpass helper, the secret on stdin, and neither is in the
-  output (-vvv --debug), the journal, an argv or a file under /tmp or /var/tmp.
+- a secret pushed from a user's own deploy file (llmhost.secrets.put) to the sudo host: the
+  password reaches sudo on stdin, the secret after it, whole, and neither is in the output
+  (-vvv --debug), the journal, an argv or a file under /tmp or /var/tmp.
 """
 
 from __future__ import annotations
@@ -95,10 +95,6 @@ SECRET_DEPLOY = """from llmhost.secrets import Secret, put
 put(name="A pushed secret", src=Secret(open({key!r}).read()), dest="/etc/llmhost-sudo-test/s.key",
     user="root", group="root", mode="600")
 """
-# What the host's sudoers holds for the login user during the password test, and after it.
-SUDO_WITH_PASSWORD, SUDO_WITHOUT = "deploy ALL=(ALL) ALL\n", "deploy ALL=(ALL) NOPASSWD: ALL\n"
-
-
 def host_leaks(host, values: list[str]) -> str:
     """Files under /tmp and /var/tmp, argv and environments, the journal of ``host`` that hold
     any of ``values`` (the patterns go on stdin into a root-only file under /run)."""
@@ -109,28 +105,25 @@ def host_leaks(host, values: list[str]) -> str:
 
 
 def test_a_secret_reaches_a_host_whose_sudo_asks_a_password(site):
+    """llmhost.secrets.put from a user's own deploy file, on the host whose sudo asks a
+    password: the password reaches sudo on stdin (llmhost.sudostdin) and the secret after it,
+    whole; neither is in the output (-vvv --debug), the journal, an argv or a temp file."""
     host, folder = site["sudo"], site["folder"]
-    password, key = f"pw-{secrets.token_hex(12)}", f"sk-sudo-{secrets.token_hex(20)}"
-    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    before = host.exec("getent", "shadow", "deploy").stdout.split(":")[1]
-    host.exec("usermod", "-p", hashed, "deploy")
-    host.exec("sh", "-c", "mkdir -m 700 -p /etc/llmhost-sudo-test && cat > /etc/sudoers.d/deploy",
-              input=SUDO_WITH_PASSWORD)
+    password, key = host.pyinfra_data()["_sudo_password"], f"sk-sudo-{secrets.token_hex(20)}"
+    asks = subprocess.run(["ssh", "-F", str(host.ssh_config), host.name, "sudo -n true"],
+                          capture_output=True, text=True, timeout=60)
+    assert asks.returncode != 0 and "password is required" in asks.stderr, asks.stderr
+    host.exec("mkdir", "-m", "700", "-p", "/etc/llmhost-sudo-test")
     try:
-        asks = subprocess.run(["ssh", "-F", str(host.ssh_config), host.name, "sudo -n true"],
-                              capture_output=True, text=True, timeout=60)
-        assert asks.returncode != 0 and "password is required" in asks.stderr, asks.stderr
         (folder / "key").write_text(key)
         (folder / "secret_deploy.py").write_text(SECRET_DEPLOY.format(key=str(folder / "key")))
-        inventory = write_inventory(site, "sudo-password.py", {
-            "sudodeploy": (host, {"_sudo_password": password})})
+        inventory = write_inventory(site, "sudo-password.py", {"sudodeploy": (host, {})})
         result = subprocess.run([str(site["venv"] / "bin" / "pyinfra"), inventory.name,
                                  "secret_deploy.py", "-y", "-vvv", "--debug"], cwd=folder,
                                 capture_output=True, text=True, timeout=300)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
-        assert "sudo -H -A -k" in output  # the password went to sudo through askpass
+        assert "sudo -H -S -p '' -k" in output and "SUDO_ASKPASS" not in output
         written = on_host(host, "stat -c '%U:%G %a' /etc/llmhost-sudo-test/s.key && "
                                 "sha256sum < /etc/llmhost-sudo-test/s.key").split()
         assert written[:2] == ["root:root", "600"]
@@ -138,9 +131,7 @@ def test_a_secret_reaches_a_host_whose_sudo_asks_a_password(site):
         assert password not in output and key not in output
         assert host_leaks(host, [password, key]).split() == ["0"]
     finally:
-        host.exec("sh", "-c", "cat > /etc/sudoers.d/deploy; rm -rf /etc/llmhost-sudo-test",
-                  input=SUDO_WITHOUT)
-        host.exec("usermod", "-p", before, "deploy")
+        host.exec("rm", "-rf", "/etc/llmhost-sudo-test")
 
 
 def llm_data(site, port: int, **service) -> dict:
