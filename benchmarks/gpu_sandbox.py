@@ -549,22 +549,9 @@ def faults(args) -> int:
         _deploy(inventory, "faults.log", "converge (a new unit is switched in if the wheel "
                                          "changed it)")
         _records(host, "faults")
-        # 1. A new unit that serves from the CPU (--device none: no offload), under load. The
-        # VM's CPU dies of SIGILL computing on the CPU (see _inventory), so --no-warmup lets it
-        # reach /health 200 as a CPU fallback does on real hardware: the GPU gate must refuse it.
-        poller = HealthPoller(GPU_PORT)
-        poller.start()
-        started = time.monotonic()
-        cpu = _deploy(_inventory(host, "cpu.py", services={"main": {
-            "extra_args": ["--device", "none", "--no-warmup", "--no-repack"]}}), "faults.log", "main with --device none")
-        time.sleep(2)
-        poller.stop()
-        rolled = [line for line in cpu.output.splitlines() if "without its GPU" in line or "ROLLED" in line]
-        say(f"fault 1 (a unit on the CPU): exit {cpu.returncode}; " + " | ".join(l.strip() for l in rolled))
-        say(f"fault 1: /health outages seen from the controller (s after the deploy started, "
-            f"length): {[(round(s - started, 1), round(d, 1)) for s, d in poller.outages()]}")
-        evidence = _gpu_evidence(host, "llama-main.service")
-        say(f"fault 1: after the rollback, llama-main: {evidence['reason']}")
+        # 1. (Until c10bbda: a new unit given `--device none` through extra_args, refused by the
+        # GPU gate. --device is now the `gpus` setting's, so a GPU unit cannot be told to serve
+        # from the CPU; a GPU service found off its GPU is gpu_realsize.py's off_gpu_repaired.)
         # 2. A GPU service whose unit hides the GPUs: the control and uvm nodes allowed by path,
         # the GPUs not (what the shipped unit did on driver 580: char-nvidia-frontend matched
         # nothing). A group name would not do: char-nvidiactl is major 195, the GPUs' too.
