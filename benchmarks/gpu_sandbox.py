@@ -542,8 +542,6 @@ def prove(args) -> int:
 def faults(args) -> int:
     receive()
     _install_wheels()
-    from tests.support.health import HealthPoller
-
     with booted() as host:
         inventory = WORK / "inventory.py"
         _deploy(inventory, "faults.log", "converge (a new unit is switched in if the wheel "
