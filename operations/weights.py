@@ -140,7 +140,7 @@ def model_folder_command(dest: str) -> str:
     return f"mkdir -p {shlex.quote(folder)} && chown root:root {dirs} && chmod 755 {dirs}"
 
 
-def _placed(dest: str, sha256: str, size: int):
+def _placed(dest: str):
     """Commands for a file already in place: nothing, or its access repaired."""
     repair = access_repair(dest)
     if repair:
@@ -168,7 +168,7 @@ def pushed_file(src: str, dest: str, sha256: str, size: int):
                     sha256="a5fd3b...", size=253113024)
     """
     if in_place(dest, sha256, size):
-        yield from _placed(dest, sha256, size)
+        yield from _placed(dest)
         return
     staged = dest + ".partial"
     yield model_folder_command(dest)
@@ -202,7 +202,7 @@ def downloaded_file(url: str, dest: str, sha256: str, size: int, record: dict, c
                         size=1894532128, record={"commit": "<sha>"}, connections=8)
     """
     if in_place(dest, sha256, size):
-        yield from _placed(dest, sha256, size)
+        yield from _placed(dest)
         return
     token = hf.token_from(token_file)
     args = ["--url", url, "--dest", dest, "--sha256", sha256, "--size", str(size),

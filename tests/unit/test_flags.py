@@ -234,3 +234,21 @@ def test_only_services_the_last_manifest_lists_and_the_settings_dropped_are_reti
         assert handed_over(by_name["translate"], removed) == [
             {"unit": "llama-translator.service", "health_url": "http://127.0.0.1:18083/health"}]
         assert handed_over(by_name["main"], removed) == []
+
+
+def test_the_health_gate_waits_longer_for_a_bigger_model_unless_told():
+    """120 s plus 10 s a GB of the service's files: the guide's 19 GiB (20.4 GB) model gets 330 s, a fixed
+    300 s would time out a model that loads slower than ~100 MB/s; llm_health_timeout wins."""
+    from llmhost.services import health_timeout
+
+    def model(*sizes):
+        return PlacedModel("/m/a.gguf", None, tuple(ModelFileSpec(f"/m/{i}", "a" * 64, s)
+                                                     for i, s in enumerate(sizes)))
+
+    settings = guide_settings()
+    assert health_timeout(settings, model(20_427_281_696)) == 120 + 10 * 21
+    assert health_timeout(settings, model(253_113_024)) == 130
+    assert health_timeout(settings, model(10**9, 10**9 + 1)) == 120 + 10 * 3  # every file counts
+    told = load_host_settings("h", {"llm_health_timeout": 90, "llm_services": {"t": {
+        "port": 1, "model": {"source": "local", "path": "/m.gguf"}}}})
+    assert health_timeout(told, model(20_427_281_696)) == 90
