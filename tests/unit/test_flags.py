@@ -237,8 +237,9 @@ def test_only_services_the_last_manifest_lists_and_the_settings_dropped_are_reti
 
 
 def test_the_health_gate_waits_longer_for_a_bigger_model_unless_told():
-    """120 s plus 10 s a GB of the service's files: the guide's 19 GiB (20.4 GB) model gets 330 s, a fixed
-    300 s would time out a model that loads slower than ~100 MB/s; llm_health_timeout wins."""
+    """120 s plus 10 s a GB of the service's files: the guide's 19 GiB (20.4 GB) model gets
+    330 s, where a fixed 300 s would time out one that loads slower than ~100 MB/s;
+    llm_health_timeout wins."""
     from llmhost.services import health_timeout
 
     def model(*sizes):
