@@ -415,11 +415,14 @@ def bench_main() -> dict | None:
     return json.loads(found.read_text()) if found.exists() else None
 
 
-def llama_bench(host, model: str, *flags: str, timeout: float = 300) -> list[dict]:
-    """llama-bench of the deployed build, inside the host: its JSON rows."""
+def llama_bench(host, model: str, *flags: str, timeout: float = 300, env: str = "") -> list[dict]:
+    """llama-bench of the deployed build, inside the host: its JSON rows. Flash attention on
+    unless the flags say (llama-bench runs every value a repeated flag gives)."""
     bench = json.loads(gs._sh(host, "cat /etc/llama/llmhost.json"))["llama_cpp"]["bench"]
     ngl = "0" if REHEARSAL else "99"
-    command = f"{bench} -m {shlex.quote(model)} -ngl {ngl} -fa 1 -o json {' '.join(flags)}"
+    fa = "" if "-fa" in flags else "-fa 1"
+    command = (f"{env} {bench} -m {shlex.quote(model)} -ngl {ngl} {fa} -o json "
+               f"{' '.join(flags)}")
     result = host.exec("bash", "-c", command, check=False, timeout=timeout)
     try:
         return json.loads(result.stdout)
@@ -482,6 +485,57 @@ def dense(host) -> dict:
     return {"llama_bench": rows, "served_1": served_by_hand(host, model)}
 
 
+def dense_phase(args) -> int:
+    """One call for what the first sitting left out: a reboot with the machine's page cache
+    dropped (the 19 GB model read from disk, not memory), then the dense model against the MoE,
+    alternated (llama-bench tg128 with the service's K/V pair), the flags and settings the
+    project controls that could raise the dense decode (flash attention off/on, F16 K/V, CUDA
+    graphs off as the control), and the dense model served at one request."""
+    gs.receive()
+    gs._install_wheels()
+    if not wait_for_models(("moe", "translator", "dense"), 300):
+        return 1
+    if not REHEARSAL:
+        subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True, check=True)
+        say(f"page cache dropped: {gs._sh_here('grep -E ^Cached: /proc/meminfo').strip()}")
+    booted_at = time.monotonic()
+    found: dict = {"recipes": RECIPES}
+    with gs.booted() as host:
+        main_s = first_answer(MAIN_PORT, "/etc/llama/keys/main.key", host, 400)
+        translate_s = first_answer(TRANSLATE_PORT, "/etc/llama/keys/translate.key", host, 120)
+        say(f"reboot, page cache cold: main answered {time.monotonic() - booted_at:.1f}s after "
+            f"the boot began ({main_s:.1f}s after sshd); translate {translate_s:.1f}s after "
+            f"main; main {on_gpu(host)}")
+        found["cold_reboot"] = {"main_first_answer_s": main_s, "since_boot_s":
+                                time.monotonic() - booted_at, "translate_after_s": translate_s}
+        preplace(host, "dense")
+        models = {"moe": placed_path("moe"), "dense": placed_path("dense")}
+        service_kv = ("-ctk", "q4_0", "-ctv", "q8_0")
+        rounds = []
+        for round_ in range(3):  # the first also warms the page cache
+            for role in ("dense", "moe"):
+                rows = llama_bench(host, models[role], "-p", "0", "-n", "128", "-r", "2",
+                                   *service_kv)
+                rounds.append({"role": role, "round": round_, "rows": rows})
+                say(f"{role} tg128 (round {round_ + 1}): {rates(rows)}")
+        found["alternated"] = rounds
+        variants = {"fa on, q4_0/q8_0 (the service)": ("-fa", "1", *service_kv),
+                    "fa on, f16/f16": ("-fa", "1", "-ctk", "f16", "-ctv", "f16"),
+                    "fa off, f16/f16": ("-fa", "0", "-ctk", "f16", "-ctv", "f16")}
+        found["variants"] = {}
+        for label, flags in variants.items():
+            rows = llama_bench(host, models["dense"], "-p", "0", "-n", "128", "-r", "2", *flags)
+            found["variants"][label] = rows
+            say(f"dense tg128, {label}: {rates(rows)}")
+        rows = llama_bench(host, models["dense"], "-p", "0", "-n", "128", "-r", "2", *service_kv,
+                           env="GGML_CUDA_DISABLE_GRAPHS=1")
+        found["variants"]["CUDA graphs off (control)"] = rows
+        say(f"dense tg128, CUDA graphs off: {rates(rows)}")
+        found["dense_served_1"] = served_by_hand(host, models["dense"])
+        (OUT / "tables-dense.json").write_text(json.dumps(found, indent=1))
+    return 0
+
+
 def served_by_hand(host, model: str) -> dict:
     words = main_argv(host)
     words[words.index("--model") + 1] = model
@@ -530,11 +584,13 @@ def switch_and_rollback(host, poller_cls) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", nargs="+", choices=["start", "make-models", "up", "prove"])
+    parser.add_argument("phase", nargs="+",
+                        choices=["start", "make-models", "up", "prove", "dense"])
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    phases = {"start": start, "make-models": make_models, "up": up, "prove": prove}
+    phases = {"start": start, "make-models": make_models, "up": up, "prove": prove,
+              "dense": dense_phase}
     code = 0
     for phase in args.phase:
         code = phases[phase](args) or code
