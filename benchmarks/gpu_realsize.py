@@ -532,6 +532,9 @@ def dense_phase(args) -> int:
         found["variants"]["CUDA graphs off (control)"] = rows
         say(f"dense tg128, CUDA graphs off: {rates(rows)}")
         found["dense_served_1"] = served_by_hand(host, models["dense"])
+        bandwidth_file = WORK / "bandwidth.json"
+        found["bandwidth"] = (json.loads(bandwidth_file.read_text())
+                              if bandwidth_file.exists() else None)
         (OUT / "tables-dense.json").write_text(json.dumps(found, indent=1))
     return 0
 

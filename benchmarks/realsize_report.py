@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from benchmarks import shape_true
-from benchmarks.gpu_realsize import GUIDE_AGGREGATE, GUIDE_KV, GUIDE_PREFILL_S
+from benchmarks.gpu_realsize import (GUIDE_AGGREGATE, GUIDE_DENSE_OVER_MOE, GUIDE_KV,
+                                     GUIDE_PREFILL_S)
 
 # The tg128 context: 128 tokens generated from an empty cache (llama-bench -p 0 -n 128).
 TG_CONTEXT = 64
@@ -119,13 +120,78 @@ def report(folder: Path) -> str:
             lines.append(f"- {n} parallel: {lv['aggregate_tok_s']:.1f} tok/s aggregate = "
                          f"{steps:.1f} steps/s of {step / 1e9:.2f} GB (experts expected distinct "
                          f"over uniform routing) -> {steps * step / bandwidth:.3f} of the bandwidth.")
-    lines += ["", "The dense 27B was not measured in this sitting (device time)."]
+    lines += [""] + dense_section(folder, bandwidth)
     return "\n".join(lines) + "\n"
+
+
+def tg128(rows: list[dict]) -> float | None:
+    found = [r["avg_ts"] for r in rows if r.get("n_gen")]
+    return found[0] if found else None
+
+
+def dense_section(folder: Path, bandwidth: float) -> list[str]:
+    """The dense model beside the MoE (`gpu_realsize dense`: tables-dense.json), when measured."""
+    path = folder / "tables-dense.json"
+    if not path.exists():
+        return ["The dense 27B was not measured in this sitting (device time)."]
+    found = json.loads(path.read_text())
+    dense = shape_true.recipe(found["recipes"]["dense"])
+    # Round 1 reads each file into the page cache: rounds 2 and 3 are compared.
+    by_role: dict[str, list[float]] = {"dense": [], "moe": []}
+    for entry in found["alternated"]:
+        rate = tg128(entry["rows"])
+        if entry["round"] > 0 and rate:
+            by_role[entry["role"]].append(rate)
+    d, m = (sum(v) / len(v) for v in (by_role["dense"], by_role["moe"]))
+    per_token = shape_true.decode_bytes_per_token(dense, TG_CONTEXT, "q4_0", "q8_0")
+    served = found["dense_served_1"]["median"]
+    reboot = found["cold_reboot"]
+    lines = ["## The dense 27B", "",
+             f"- llama-bench tg128, K=q4_0 V=q8_0, rounds 2-3 of 3 alternated with the MoE: dense "
+             f"{d:.1f} tok/s, MoE {m:.1f} tok/s.",
+             ratio_table_line("dense / MoE decode", d / m, GUIDE_DENSE_OVER_MOE),
+             f"- Bytes one decoded token reads (recipe): {per_token / 1e9:.3f} GB (every weight but "
+             f"the embedding table, one embedding row, the recurrent state, the K/V at "
+             f"{TG_CONTEXT} tokens).",
+             f"- tg128 {d:.1f} tok/s -> {d * per_token / 1e12:.3f} TB/s, "
+             f"{d * per_token / bandwidth:.3f} of the copy bandwidth.",
+             f"- Served, 1 request of 256 tokens (llama-server by hand with main's flags), median of "
+             f"3: {served:.1f} tok/s; served / tg128 = {served / d:.3f}.",
+             "", "Flags the project controls, dense tg128 (one run each, after the rounds above):", "",
+             "| variant | tok/s | of the copy bandwidth |", "|---|---|---|"]
+    for label, rows in found["variants"].items():
+        rate = tg128(rows)
+        lines.append(f"| {label} | {rate:.1f} | {rate * per_token / bandwidth:.3f} |" if rate
+                     else f"| {label} | no result | |")
+    lines += ["", f"Reboot with the machine's page cache dropped first: main answered "
+                  f"{reboot['since_boot_s']:.1f} s after the boot began "
+                  f"({reboot['main_first_answer_s']:.1f} s after sshd)."]
+    return lines
+
+
+def ratio_table_line(label: str, ours: float, guide: float) -> str:
+    diff = ours / guide - 1
+    flag = " (more than 15 %)" if abs(diff) > TOLERANCE else ""
+    return f"- {label}: {ours:.3f} here, {guide:.3f} in the guide (66 / 190): {diff:+.1%}{flag}."
+
+
+def dense_report(folder: Path) -> str:
+    """A sitting of `gpu_realsize dense` alone: the dense section, against that sitting's own
+    bandwidth measurement (bandwidth.json, or the one tables-dense.json carries)."""
+    found = json.loads((folder / "tables-dense.json").read_text())
+    measured = found.get("bandwidth") or json.loads((folder / "bandwidth.json").read_text())
+    return "\n".join(["# The dense 27B beside the MoE on the H200 (shape-true models)", "",
+                      f"Measured by `python3 -m benchmarks.gpu_realsize start/up/dense` with "
+                      f"LLMHOST_REALSIZE_DENSE=1 (files in this folder); written by "
+                      f"`python -m benchmarks.realsize_report {folder}`.", "",
+                      f"- Device-to-device copy, 8 GiB, best of 10: "
+                      f"{measured['read_write_GBps']:.0f} GB/s read+write.", ""]
+                     + dense_section(folder, measured["read_write_GBps"] * 1e9)) + "\n"
 
 
 def main() -> int:
     folder = Path(sys.argv[1])
-    text = report(folder)
+    text = report(folder) if (folder / "tables.json").exists() else dense_report(folder)
     (folder / "report.md").write_text(text)
     print(text)
     return 0
