@@ -78,6 +78,16 @@ def fact_command(fact: FactBase, fact_kwargs: dict) -> str | None:
     return text
 
 
+class Commands(tuple):
+    """The facts' commands, shown as their number where pyinfra prints a fact's arguments
+    (-v, --debug): the commands themselves are printed once, as the command (-vv)."""
+
+    def __str__(self) -> str:
+        return f"{len(self)} facts"
+
+    __repr__ = __str__
+
+
 class Facts(FactBase):
     """Several facts' outputs from one command: each fact's command in a subshell (stdin and
     stderr closed off), then a line with its index and exit status. Returns one (exit status,
@@ -130,7 +140,7 @@ def prefetch(reads: Iterable[tuple[type[FactBase], dict]]) -> int:
         return 0
     if any(arguments.get(k) for k in ("_sudo_user", "_su_user", "_doas_user", "_dzdo_user")):
         return 0  # pyinfra reads "no such user" from stderr there, which a batch does not keep
-    outputs = host.get_fact(Facts, commands=tuple(w[2] for w in wanted))
+    outputs = host.get_fact(Facts, commands=Commands(w[2] for w in wanted))
     read = _Read(arguments)
     for index, (key, fact, _) in enumerate(wanted):
         if index not in outputs:
