@@ -146,10 +146,10 @@ def prefetch(reads: Iterable[tuple[type[FactBase], dict]]) -> int:
         if index not in outputs:
             continue
         status, lines = outputs[index]
-        if lines == ["##PYINFRA_NOCMD##"]:
-            continue
+        if status != 0 or lines == ["##PYINFRA_NOCMD##"]:
+            continue  # read on its own: pyinfra fails the host, or skips the fact, as it says
         try:
-            value = fact.process(lines) if status == 0 and lines else fact.default()
+            value = fact.process(lines) if lines else fact.default()
         except Exception:  # noqa: BLE001 - read again, so the error shows as pyinfra shows it
             continue
         read.values[key] = value
