@@ -52,9 +52,13 @@ def test_the_listed_facts_are_read_in_one_command_and_parsed_by_their_own_fact(l
     assert answers[0] == {"commit": "c"} and answers[1] is None
     assert answers[2]["mode"] == int(oct(tmp_path.stat().st_mode & 0o777)[2:])
     assert answers[3]["size"] == 9 and len(answers[4]) == 40 and sorted(answers[5]) == ["a.py", "marker.json"]
-    # Each answer is the fact's own, as read on its own.
+    # Each answer is the fact's own, as read on its own (but atime: sha1sum just read a.py).
     hostread._reads.pop(host)
-    assert [host.get_fact(cls, **kwargs) for cls, kwargs in reads] == answers
+
+    def timeless(value):
+        return {k: v for k, v in value.items() if k != "atime"} if isinstance(value, dict) else value
+
+    assert [timeless(host.get_fact(cls, **kwargs)) for cls, kwargs in reads] == list(map(timeless, answers))
 
 
 def test_a_command_on_the_host_ends_the_read(local, tmp_path):
