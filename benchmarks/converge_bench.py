@@ -1,11 +1,15 @@
 """Fresh sandbox host to serving, per step, and the no-op rerun.
 
-    python -m benchmarks.converge_bench [--cold] [--reruns 3]
+    python -m benchmarks.converge_bench [--cold] [--reruns 3] [--floor]
 
 --cold gives the host an empty ccache and apt cache (what CI's first run pays); without it the
 shared caches of tests/support are used (what every later run pays). The debootstrap tarball
 is made once and timed when it is missing. Per-operation times come from the deploy itself
 (LLMHOST_TIMINGS, operations/timing.py). Prints a Markdown table for benchmarks/RESULTS.md.
+
+--floor also runs benchmarks/floor_deploy.py (3 pyinfra operations) on the same host, once to
+converge it, then alternates it with the full deploy's no-op rerun (--reruns times each: both
+whole `pyinfra` processes, zero changes) and prints both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from pathlib import Path
 
 from tests.support import cache, deployment, sandbox
+
+FLOOR = "benchmarks/floor_deploy.py"
 
 STEPS = (  # (step, predicate on the operation name)
     ("packages", lambda op: op.startswith("Install build packages")),
@@ -36,6 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cold", action="store_true")
     parser.add_argument("--reruns", type=int, default=3)
+    parser.add_argument("--floor", action="store_true")
     args = parser.parse_args()
 
     rows: list[tuple[str, float]] = []
@@ -72,16 +79,28 @@ def main() -> int:
                 rows.append((f"deploy: {step}", sum(o["seconds"] for o in ops
                                                     if matches(o["operation"].rpartition(" | ")[2]))))
             rows.append(("deploy total (pyinfra CLI, connect to exit)", first.seconds))
-            reruns = []
+            reruns, floors = [], []
+            if args.floor:
+                assert deployment.run_deploy(inventory, deploy=FLOOR).returncode == 0
             for _ in range(args.reruns):
                 rerun = deployment.run_deploy(inventory)
                 assert rerun.returncode == 0 and not rerun.changed_operations, rerun.output[-3000:]
                 reruns.append(rerun.seconds)
+                if args.floor:
+                    floor = deployment.run_deploy(inventory, deploy=FLOOR)
+                    assert floor.returncode == 0 and not floor.changed_operations, floor.output[-3000:]
+                    floors.append(floor.seconds)
             rows.append((f"no-op rerun, median of {args.reruns} (zero changes)", statistics.median(reruns)))
+            if args.floor:
+                rows.append((f"3-operation pyinfra deploy (benchmarks/floor_deploy.py), no-op, median "
+                             f"of {args.reruns}, alternated", statistics.median(floors)))
+                print("no-op reruns:", " ".join(f"{s:.2f}" for s in reruns))
+                print("floor reruns:", " ".join(f"{s:.2f}" for s in floors))
+                print(f"ratio: {statistics.median(reruns) / statistics.median(floors):.2f}x")
 
     print(f"| step ({'cold caches' if args.cold else 'warm caches'}) | seconds |\n|---|---:|")
     for step, seconds in rows:
-        print(f"| {step} | {seconds:.1f} |")
+        print(f"| {step} | {seconds:.2f} |")
     return 0
 
 

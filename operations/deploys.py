@@ -8,17 +8,25 @@ from dataclasses import dataclass, field
 
 from pyinfra import host, state
 from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Directory, File, Sha1File
+from pyinfra.facts.server import Groups, Os
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
-from llmhost import (base, buildplan, cuda, gateway, gpu, llamacpp, preflight, retention,
-                     secrets, services, sudostdin, timing, weights)
+from llmhost import (base, buildplan, cuda, gateway, gpu, hostread, llamacpp, preflight,
+                     retention, secrets, services, sudostdin, timing, weights)
 from llmhost import manifest as record
-from llmhost.facts import JsonFile, KeyAccepted
+from llmhost.facts import (Account, BuildState, FileDigests, GpuHeld, JsonFile, KeyAccepted, ManifestState,
+                           ModelFile, UnitState)
+from llmhost.remote import HELPER_DIR
 from llmhost.manifest import Manifest
 from llmhost.settings import HostSettings
 
 logger = logging.getLogger("llmhost")
 # Every deploy that imports this gives `_sudo_password` to sudo on stdin, not in command strings.
 sudostdin.install()
+# ... and answers the facts of llmhost.hostread's one host read from it.
+hostread.install()
 
 
 @deploy("llama.cpp server")
@@ -86,6 +94,8 @@ def _serve(settings: HostSettings) -> _Served | None:
     models = {service.name: weights.plan(settings, service.model) for service in settings.services}
     problems = preflight.gpu_problems(settings, facts) + preflight.toolkit_install_problems(settings)
     build = None if problems else buildplan.plan_for_host(settings, facts)
+    if build is not None:
+        hostread.prefetch(_host_reads(settings, build, models))
     problems += preflight.disk_problems(settings, facts, build, models)
     if problems:
         preflight.fail(problems)
@@ -170,6 +180,55 @@ def _serve(settings: HostSettings) -> _Served | None:
                            install_dir=settings.install_dir, model_dir=settings.model_dir,
                            rendered=served.rendered, keep_previous=settings.keep_previous)
     return served
+
+
+def _host_reads(settings: HostSettings, build: buildplan.Build, models: dict) -> list:
+    """Every fact the steps below read from a host the last deploy converged, as each step asks
+    for it (class, keyword arguments): llmhost.hostread reads them in one command. One missing
+    here is read on its own (slower, not wrong); tests/unit/test_deploy_wiring.py checks that
+    none is."""
+    manifest_file = f"{settings.config_dir}/{services.MANIFEST_NAME}"
+    user = settings.service_user
+    reads = [(JsonFile, {"path": f"{build.build_dir}/{llamacpp.BUILD_MARKER}"}),
+             (DebPackages, {}), (JsonFile, {"path": manifest_file}),
+             # base.service_user: server.group, system_user (and its home), files.put
+             (Groups, {}), (Os, {}), (Account, {"user": user}),
+             (Directory, {"path": base.service_home(settings)}),
+             *_put_reads(base.memlock_path(settings)),
+             *[(Directory, {"path": path}) for path in base.directory_paths(settings)],
+             (FileDigests, {"path": HELPER_DIR}),
+             (JsonFile, {"path": f"{build.source_dir}/{llamacpp.SOURCE_MARKER}"}),
+             (BuildState, {"build_dir": build.build_dir}),
+             (ManifestState, {"path": manifest_file, "build_dir": build.build_dir}),
+             (retention.StoredVersions, retention.stored_versions_arguments(
+                 settings.install_dir, settings.model_dir))]
+    if settings.uses_gpu:
+        reads += [*_put_reads(services.MODULES_LOAD_PATH),
+                  *_put_reads(f"/etc/systemd/system/{services.UVM_UNIT}")]
+        reads += [(fact, {"user_mode": False, "machine": None, "user_name": None,
+                          "services": [services.UVM_UNIT]}) for fact in (SystemdStatus, SystemdEnabled)]
+    reads += [(ModelFile, {"path": spec.dest}) for model in models.values() for spec in model.files]
+    gateway_hosts = bool(gateway.gateways())
+    for service in settings.services:
+        reads.append((UnitState, {"unit": service.unit_name}))
+        path = services.key_path(settings, service)
+        if path and service.api_key_file:
+            reads.append((secrets.SecretFile, {"path": path, "lines": 1 if gateway_hosts else 0}))
+        elif path:
+            reads.append((File, {"path": path}))
+        if path:
+            reads.append((KeyAccepted, {"url": service.health_url.replace("/health", "/v1/models"),
+                                        "key_file": path}))
+        if service.uses_gpu:
+            reads.append((GpuHeld, {"unit": service.unit_name,
+                                    "gpus": ",".join(map(str, service.gpus or ()))}))
+    return reads
+
+
+def _put_reads(path: str) -> list:
+    """What pyinfra's files.put reads of a file that is in place."""
+    return [(File, {"path": path}), (Directory, {"path": path.rsplit("/", 1)[0]}),
+            (Sha1File, {"path": path})]
 
 
 def _finish(settings: HostSettings, served: _Served) -> None:

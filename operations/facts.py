@@ -4,6 +4,7 @@ absence is a value (None, empty), so a fresh host and a converged one read the s
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 from pyinfra.api import FactBase
@@ -148,17 +149,22 @@ class FileDigests(FactBase):
     {} when the folder does not exist yet."""
 
     def command(self, path: str) -> str:
-        q = shlex.quote(path)
-        return (f"cd {q} 2>/dev/null && for f in *; do [ -f \"$f\" ] || continue; "
-                f"echo \"$(sha256sum \"$f\" | cut -d' ' -f1) $(stat -c '%U %G %a' \"$f\") $f\"; done; true")
+        # Two commands for all the files (a few per file would cost a rerun ~100 ms).
+        return (f"cd {shlex.quote(path)} 2>/dev/null || exit 0; set --; "
+                f"for f in *; do [ -f \"$f\" ] && set -- \"$@\" \"$f\"; done; "
+                f"[ $# -gt 0 ] || exit 0; sha256sum -- \"$@\" && stat -c '%U %G %a %n' -- \"$@\"")
 
     def process(self, output):
-        found = {}
+        digests, found = {}, {}
         for line in output:
-            parts = line.split(" ", 4)
-            if len(parts) == 5:
-                digest, user, group, mode, name = parts
-                found[name] = (digest, user, group, mode)
+            match = re.fullmatch(r"([0-9a-f]{64})  (.+)", line)
+            if match:
+                digests[match.group(2)] = match.group(1)
+                continue
+            parts = line.split(" ", 3)
+            if len(parts) == 4 and parts[3] in digests:
+                user, group, mode, name = parts
+                found[name] = (digests[name], user, group, mode)
         return found
 
     @staticmethod
@@ -173,18 +179,45 @@ class KeyAccepted(FactBase):
     keeps the previous keys after it for a while). It is read on the host, never sent here."""
 
     def command(self, url: str, key_file: str) -> str:
-        script = ("import sys,urllib.request,urllib.error\n"
+        # A bare HTTP/1.0 request over a socket: urllib.request costs the host ~60 ms more to
+        # import, on every rerun.
+        script = ("import socket,sys,urllib.parse\n"
                   "try: key=open(sys.argv[2]).readline().strip()\n"
                   "except OSError: print('none'); sys.exit()\n"
-                  "r=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '+key})\n"
-                  "try: print(urllib.request.urlopen(r,timeout=10).status)\n"
-                  "except urllib.error.HTTPError as e: print(e.code)\n"
+                  "u=urllib.parse.urlsplit(sys.argv[1])\n"
+                  "try:\n"
+                  "    with socket.create_connection((u.hostname,u.port),timeout=10) as s:\n"
+                  "        s.sendall(f'GET {u.path} HTTP/1.0\\r\\nHost: {u.netloc}\\r\\n"
+                  "Authorization: Bearer {key}\\r\\n\\r\\n'.encode())\n"
+                  "        print(s.makefile('rb').readline().split()[1].decode())\n"
                   "except Exception: print('none')")
         return f"python3 -c {shlex.quote(script)} {shlex.quote(url)} {shlex.quote(key_file)}"
 
     def process(self, output):
         status = "".join(output).strip()
         return None if not status.isdigit() else int(status) != 401
+
+
+class Account(FactBase):
+    """A local account's home, shell and primary group ({"home", "shell", "group"}), from its
+    /etc/passwd line as pyinfra's Users fact reads it, or None when there is no such account:
+    one user, where Users runs a few commands for every account on the host.
+
+    .. code:: python
+
+        {"home": "/var/lib/llama", "shell": "/usr/sbin/nologin", "group": "llama"}
+    """
+
+    def command(self, user: str) -> str:
+        q = shlex.quote(user)
+        # Exits 0 when there is no such account too (a failed fact fails the host).
+        return f"awk -F: -v u={q} '$1==u{{print $6; print $7}}' /etc/passwd | grep . && id -gn {q}; true"
+
+    def process(self, output):
+        lines = [line.strip() for line in output]
+        if len(lines) != 3:
+            return None
+        return {"home": lines[0], "shell": lines[1], "group": lines[2]}
 
 
 class ServerOptions(FactBase):

@@ -17,10 +17,12 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-
-import requests
+from typing import TYPE_CHECKING
 
 from llmhost.settings import ModelSpec
+
+if TYPE_CHECKING:  # imported where a request is made: a run with no Hub model skips its ~50 ms
+    import requests
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -209,6 +211,8 @@ def _check_access(model: ModelSpec, token: str | None, first: ManifestFile, gate
 
 def _request(method: str, url: str, token: str | None, model: ModelSpec,
              **kwargs) -> requests.Response:
+    import requests
+
     headers = {"User-Agent": USER_AGENT}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -271,6 +275,8 @@ def _safe(url: str) -> str:
 
 def _short_reason(error: requests.RequestException) -> str:
     """'connection refused', 'timed out', ... rather than urllib3's nested repr."""
+    import requests
+
     text = str(error)
     match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
     if match:

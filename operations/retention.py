@@ -11,6 +11,8 @@ So a --dry run already lists what would go.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -34,21 +36,41 @@ class StoredVersion:
 
 
 class StoredVersions(FactBase):
-    """Stored versions and the unit texts that name them (files/retention.py --list, sent as
-    source: the helper may not be on the host yet when facts are read)."""
+    """Stored versions and the unit texts that name them (files/retention.py --list), run from
+    the host's helper when it is this llmhost's (the deploy installs it before retention runs);
+    None when it is not (a fresh host, another version): then read again ``from_source``, which
+    sends the helper's source as the command."""
 
-    def command(self, install_dir: str, model_dir: str) -> str:
-        source = (data_dir("files") / HELPER).read_text()
-        return (f"python3 -c {shlex.quote(source)} --install-dir {shlex.quote(install_dir)} "
-                f"--model-dir {shlex.quote(model_dir)} --list")
+    def command(self, install_dir: str, model_dir: str, helper_sha256: str = "",
+                from_source: bool = False) -> str:
+        args = (f"--install-dir {shlex.quote(install_dir)} --model-dir {shlex.quote(model_dir)} "
+                f"--list")
+        if from_source:
+            return f"python3 -c {shlex.quote(_helper_source())} {args}"
+        helper = shlex.quote(f"{remote.HELPER_DIR}/{HELPER}")
+        return (f"if [ \"$(sha256sum < {helper} 2>/dev/null)\" = {shlex.quote(helper_sha256 + '  -')} ]; "
+                f"then python3 {helper} {args}; else echo stale; fi")
 
     def process(self, output):
+        if [line.strip() for line in output] == ["stale"]:
+            return None
         data = json.loads("\n".join(output))
         return {"versions": [StoredVersion(**v) for v in data["versions"]], "units": data["units"]}
 
     @staticmethod
     def default():
         return {"versions": [], "units": {}}
+
+
+@functools.lru_cache(maxsize=None)
+def _helper_source() -> str:
+    return (data_dir("files") / HELPER).read_text()
+
+
+def stored_versions_arguments(install_dir: str, model_dir: str) -> dict:
+    """StoredVersions' arguments, the digest of this llmhost's helper included."""
+    return {"install_dir": install_dir, "model_dir": model_dir,
+            "helper_sha256": hashlib.sha256((data_dir("files") / HELPER).read_bytes()).hexdigest()}
 
 
 def units_after(current: Mapping[str, str], rendered: Mapping[str, str]) -> list[str]:
@@ -105,7 +127,10 @@ def old_versions(install_dir: str, model_dir: str, rendered: dict[str, str], kee
                      model_dir="/var/lib/llama-models",
                      rendered={"llama-main.service": unit_text}, keep_previous=1)
     """
-    stored = host.get_fact(StoredVersions, install_dir=install_dir, model_dir=model_dir)
+    arguments = stored_versions_arguments(install_dir, model_dir)
+    stored = host.get_fact(StoredVersions, **arguments)
+    if stored is None:  # the host's helper is not this llmhost's yet (a --dry run, say)
+        stored = host.get_fact(StoredVersions, **arguments, from_source=True)
     going = plan(stored["versions"], units_after(stored["units"], rendered), keep_previous)
     if not going:
         host.noop(f"retention: nothing to remove (each kind keeps its {keep_previous} newest spare)")

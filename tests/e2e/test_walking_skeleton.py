@@ -171,9 +171,9 @@ def test_the_build_computed_on_the_hosts_cpu_and_the_manifest_says_for_which_bas
 @pytest.fixture(scope="module")
 def second(converged):
     """The same inventory again, right after the first run: the idempotence check reads it, and
-    the secrets check searches its output too."""
+    the secrets check searches its output too. -v: pyinfra names each fact it reads."""
     served_before = dict(converged["hub"].served)
-    result = run_deploy(converged["inventory"](), env=converged["env"])
+    result = run_deploy(converged["inventory"](), "-v", env=converged["env"])
     return {"result": result, "refetched": converged["hub"].served != served_before}
 
 
@@ -184,6 +184,14 @@ def test_second_run_changes_nothing(second):
         f"idempotence: these operations changed on the second run: {result.changed_operations}\n"
         + result.output[-4000:])
     assert not second["refetched"], "the rerun downloaded model bytes again"
+
+
+def test_second_run_reads_the_host_in_two_commands(second):
+    """The no-op rerun reads the host twice (llmhost.hostread): its GPUs and disks, which the
+    build plan needs, then every other fact in one command; fails when a step reads a fact on
+    its own."""
+    loaded = [line.strip() for line in second["result"].output.splitlines() if "Loaded fact" in line]
+    assert [line.split()[3] for line in loaded] == ["llmhost.gpu.GpuHost", "llmhost.hostread.Facts"], loaded
 
 
 def test_host_suite_passes(converged):

@@ -95,11 +95,11 @@ class DeployResult:
 
 
 def run_deploy(inventory: Path, *extra: str, env: dict | None = None, timeout: float = 1800,
-               echo: bool = False) -> DeployResult:
+               echo: bool = False, deploy: str = "deploy.py") -> DeployResult:
     """The real CLI, from the repository root, as a user runs it; ``echo`` prints its output as
-    it comes (the demo), else it is only collected."""
+    it comes (the demo), else it is only collected. ``deploy``: the deploy file."""
     started = time.monotonic()
-    cmd = [sys.executable, "-m", "pyinfra", str(inventory), "deploy.py", "-y", *extra]
+    cmd = [sys.executable, "-m", "pyinfra", str(inventory), deploy, "-y", *extra]
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                start_new_session=True)

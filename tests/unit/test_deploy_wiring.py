@@ -17,9 +17,12 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra.facts.files import File
 from pyinfra.facts.server import Groups, LinuxName, Os, Users, Which
 
+import inspect
+
 from llmhost import buildplan, gpu, services, weights
 from llmhost.deploys import llama_server
-from llmhost.facts import BuildState, GpuHeld, JsonFile, KeyAccepted, ModelFile, UnitState
+from llmhost import hostread
+from llmhost.facts import Account, BuildState, GpuHeld, JsonFile, KeyAccepted, ModelFile, UnitState
 from llmhost.gpu import Disk, Gpu, GpuFacts, KernelModule, Toolkit
 from llmhost.settings import load_host_settings
 
@@ -69,12 +72,14 @@ def converged_facts(data: dict, gpu_facts: GpuFacts) -> dict:
         # The generated key file (and every other file asked about) present, root:llama 0640.
         File: {"size": 64, "user": "root", "group": "llama", "mode": 640},
         GpuHeld: {"ok": True, "reason": "on GPU 0"},
+        Account: {"home": "/var/lib/llama", "shell": "/usr/sbin/nologin", "group": "llama"},
     }
 
 
-def deploy(data: dict, facts: dict, monkeypatch) -> dict[str, bool]:
+def deploy(data: dict, facts: dict, monkeypatch, reads: list | None = None) -> dict[str, bool]:
     """Run llama_server() for host h1 with ``facts`` (other facts: their defaults, as on a
-    fresh host); return each operation's name -> whether it will change the host."""
+    fresh host); return each operation's name -> whether it will change the host. ``reads``
+    gets every (fact class, arguments) asked for."""
     inventory = Inventory((["h1"], {}), h1=(["h1"], data))
     state = State(inventory, Config())
     state.set_stage(StateStage.Prepare)
@@ -83,6 +88,8 @@ def deploy(data: dict, facts: dict, monkeypatch) -> dict[str, bool]:
     state.activated_hosts.add(host)
 
     def get_fact(self, cls, *args, **kwargs):
+        if reads is not None:
+            reads.append((cls, kwargs))
         if cls in facts:
             return facts[cls]
         if cls in PYINFRA_FACTS:
@@ -149,3 +156,23 @@ def test_a_model_file_made_unreadable_is_repaired_without_a_restart(model, monke
     path = weights.plan(settings, settings.services[0].model).model_path
     assert changes[f"Model file {path}"] is True
     assert changes[SWITCH] is False, "the running server has the file mapped: no restart needed"
+
+
+def _keys(reads) -> set:
+    return {hostread._key(cls, inspect.getcallargs(cls().command, **kwargs)) for cls, kwargs in reads}
+
+
+@pytest.mark.parametrize("gpu_layers, gpu_facts", [(0, CPU_HOST), (99, H200)], ids=["cpu", "gpu"])
+def test_the_host_read_holds_every_fact_a_converged_host_is_asked(model, monkeypatch, gpu_layers,
+                                                                 gpu_facts):
+    """A rerun that changes nothing reads the host twice: GpuHost, then the one read of
+    _host_reads, which must hold every other fact the steps ask for (one missing is read on its
+    own, a round trip more). Fails when a step reads a fact _host_reads does not list."""
+    data = host_data(model, gpu_layers=gpu_layers)
+    asked, prefetched = [], []
+    monkeypatch.setattr(hostread, "prefetch", lambda reads: prefetched.append(list(reads)))
+    changes = deploy(data, converged_facts(data, gpu_facts), monkeypatch, reads=asked)
+    assert changes[SWITCH] is False and changes["llama.cpp build"] is False, changes
+    (listed,) = prefetched
+    others = [(cls, kwargs) for cls, kwargs in asked if cls is not gpu.GpuHost]
+    assert _keys(others) - _keys(listed) == set()

@@ -384,6 +384,19 @@ def test_a_failed_preflight_fails_the_host_with_every_problem():
     assert fail.args[0] == "preflight failed, nothing was changed on this host:\nhost h: a: found x\nhost h: b: found y"
 
 
+def test_account_reads_one_passwd_line_and_exits_0_without_one():
+    """run_fact fails on a non-zero exit, as pyinfra fails the host on a fact that does."""
+    import grp
+    import pwd
+
+    from llmhost.facts import Account
+
+    me = pwd.getpwuid(os.getuid())
+    assert run_fact(Account, user=me.pw_name) == {"home": me.pw_dir, "shell": me.pw_shell,
+                                                  "group": grp.getgrgid(me.pw_gid).gr_name}
+    assert run_fact(Account, user="nosuchuser") is None
+
+
 def test_file_digests_reads_a_folder_in_one_command(tmp_path):
     from llmhost.facts import FileDigests
 

@@ -129,3 +129,29 @@ def test_the_helper_removes_version_folders_only_and_says_what_it_freed(tmp_path
     assert "retention: freed 5 MB" in result.stdout
     assert not build.exists() and not (install / "builds" / "0c1e57098bba-aaaa0001.log").exists()
     assert not (models / "org--m").exists() and outside.exists()
+
+
+def test_stored_versions_run_the_installed_helper_and_send_its_source_only_when_it_is_not_there(tmp_path):
+    """A rerun sends no helper source: the fact runs the host's helper when its digest is this
+    llmhost's; otherwise it says so (None), and the operation reads it again from source."""
+    install, models = tmp_path / "opt", tmp_path / "models"
+    (install / "builds" / "0c1e57098bba-aaaa0001").mkdir(parents=True)
+    models.mkdir()
+    arguments = retention.stored_versions_arguments(str(install), str(models))
+    command = StoredVersions().command(**arguments)
+    assert "def " not in command and f"{retention.remote.HELPER_DIR}/retention.py" in command
+    stale = {**arguments, "helper_sha256": "0" * 64}
+    out = subprocess.run(["sh", "-c", StoredVersions().command(**stale)], capture_output=True, text=True,
+                         check=True).stdout
+    assert StoredVersions().process(out.splitlines()) is None
+    out = subprocess.run(["sh", "-c", StoredVersions().command(**arguments, from_source=True)],
+                         capture_output=True, text=True, check=True).stdout
+    assert [x.kind for x in StoredVersions().process(out.splitlines())["versions"]] == ["build"]
+
+    class Stale(FakeHost):
+        def get_fact(self, cls, **kwargs):
+            self.asked = [*getattr(self, "asked", []), kwargs.get("from_source", False)]
+            return None if not kwargs.get("from_source") else self.stored
+
+    fake = Stale({"versions": [], "units": {}})
+    assert run_op(fake, {}) == [] and fake.asked == [False, True]
