@@ -28,8 +28,10 @@ BUILD_BYTES = {False: 2 << 30, True: 6 << 30}
 
 # Each run's validated settings live on its pyinfra State (one per run; tests make many).
 _SETTINGS_ATTR = "_llmhost_settings"
-_RESOLVING_ATTR = "_llmhost_resolving"
 _FAILED_ATTR = "_llmhost_settings_failed"
+# Held while one host's greenlet validates and resolves for the run; made when the deploy file
+# imports this, after pyinfra's CLI patched threading for gevent, so waiting yields.
+_RESOLVING = threading.Lock()
 
 
 def controller_problems(settings: HostSettings) -> list[str]:
@@ -72,7 +74,7 @@ def inventory_settings() -> dict[str, HostSettings]:
     settings = getattr(state, _SETTINGS_ATTR, None)
     if settings is not None:
         return settings
-    with state.__dict__.setdefault(_RESOLVING_ATTR, threading.Lock()):
+    with _RESOLVING:
         settings = getattr(state, _SETTINGS_ATTR, None)
         if settings is None:
             failed = getattr(state, _FAILED_ATTR, None)
