@@ -376,7 +376,7 @@ def test_the_lock_holds_until_upgraded_then_retention_keeps_three_and_rollback_w
     the upgrade names the file and the deploy after it switches both hosts. Then retention
     and a rollback on the root host."""
     root, sudo, hub = converged["root"], converged["sudo"], converged["hub"]
-    ports = converged["ports"]
+    host, ports = root, converged["ports"]
     hf = {"model": {"source": "hf", "repo": REPO_A, "file": cache.MODEL_NAME}}
     one = {"rootdeploy": (root, llm_data(converged, ports["rootdeploy"], **hf))}
     both = {**one, "sudodeploy": (sudo, llm_data(converged, ports["sudodeploy"], **hf))}
@@ -406,6 +406,7 @@ def test_the_lock_holds_until_upgraded_then_retention_keeps_three_and_rollback_w
     assert added.returncode == 0, added.output[-4000:]
     assert hub.api_requests() == [] and all(commits[0] in e.path for e in hub.log), hub.log
     assert f"{model_dir}/{commits[0][:12]}/" in unit_model(sudo)
+    print(f"[timing] second host gets the locked model: {added.seconds:.1f}s")
     assert on_host(sudo, f"sha256sum {model_dir}/{commits[0][:12]}/*.gguf").split()[0] == cache.MODEL_SHA256
 
     upgrade = lock_cli(converged, inventory, "--upgrade")
@@ -418,13 +419,14 @@ def test_the_lock_holds_until_upgraded_then_retention_keeps_three_and_rollback_w
     assert switched.returncode == 0, switched.output[-4000:]
     assert "Service llama-translate.service" in switched.changed_operations
     outputs.append(switched.output)
-    for host in (root, sudo):
-        assert f"{model_dir}/{moved[:12]}/" in unit_model(host)
-        assert on_host(host, f"systemctl is-active {'llama-translate.service'}").strip() == "active"
+    for switched_host in (root, sudo):
+        assert f"{model_dir}/{moved[:12]}/" in unit_model(switched_host)
+        assert on_host(switched_host, "systemctl is-active llama-translate.service").strip() == "active"
 
     # A third commit, for retention, on the root host; the sudo host goes back to its own model.
     back = pyinfra(converged, converged["inventory"], "--limit", "sudodeploy")
     assert back.returncode == 0, back.output[-4000:]
+    print(f"[timing] both hosts switched: {switched.seconds:.1f}s; the sudo host back: {back.seconds:.1f}s")
     inventory = write_inventory(converged, "revisions.py", one)
     commits.append(hub.new_commit(REPO_A))
     assert lock_cli(converged, inventory, "--upgrade", REPO_A).returncode == 0
@@ -435,7 +437,6 @@ def test_the_lock_holds_until_upgraded_then_retention_keeps_three_and_rollback_w
     # Version folders: <owner>--<repo>/<commit12> and local-<sha12>.
     folders = on_host(host, "cd /var/lib/llama-models && { ls -d *--*/*/ local-*/ 2>/dev/null; true; }").split()
     folders = [f"/var/lib/llama-models/{f.rstrip('/')}" for f in folders]
-    model_dir = f"/var/lib/llama-models/{REPO_A.replace('/', '--')}"
     # Live (3rd), its rollback target (2nd), and the newest spare (1st); the local model of the
     # first deploys is older than all three: it went, and the deploy that removed it said so.
     assert sorted(folders) == sorted(f"{model_dir}/{c}" for c in commits), folders

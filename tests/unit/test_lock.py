@@ -374,3 +374,16 @@ def test_the_command_writes_checks_and_upgrades(hub, tmp_path):
     assert f"{old.models[MODEL].commit[:12]} -> {new_commit[:12]}" in upgrade.stdout
     assert "  m.gguf: sha256 " in upgrade.stdout and "mmproj.gguf" not in upgrade.stdout
     assert lockfile.read(tmp_path / "inventory.lock").models[MODEL].commit == new_commit
+
+
+def test_the_deploy_writes_beside_the_inventory_it_was_given_and_not_under_dry(hub, tmp_path, monkeypatch):
+    (tmp_path / "prod.py").write_text("hosts = []\n")
+    monkeypatch.chdir(tmp_path)
+    hosts = {"h1": data()}
+    monkeypatch.setattr(lock, "cli_arguments", lambda: {"inventory": "prod.py", "dry": True})
+    settings, problems = lock.locked_settings(load_inventory_settings(hosts), hosts, every_host=True)
+    assert problems == [] and sorted(p.name for p in tmp_path.iterdir()) == ["prod.py"]
+    assert settings["h1"].services[0].model.locked_commit == hub.repos[MODEL].commit
+    monkeypatch.setattr(lock, "cli_arguments", lambda: {"inventory": "prod.py", "dry": False})
+    lock.locked_settings(load_inventory_settings(hosts), hosts, every_host=True)
+    assert lockfile.read(tmp_path / "prod.lock").models[MODEL].commit == hub.repos[MODEL].commit
