@@ -377,6 +377,7 @@ def test_the_lock_holds_until_upgraded_then_retention_keeps_three_and_rollback_w
     and a rollback on the root host."""
     root, sudo, hub = converged["root"], converged["sudo"], converged["hub"]
     host, ports = root, converged["ports"]
+    port = ports["rootdeploy"]
     hf = {"model": {"source": "hf", "repo": REPO_A, "file": cache.MODEL_NAME}}
     one = {"rootdeploy": (root, llm_data(converged, ports["rootdeploy"], **hf))}
     both = {**one, "sudodeploy": (sudo, llm_data(converged, ports["sudodeploy"], **hf))}
