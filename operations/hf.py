@@ -143,9 +143,9 @@ def _resolve(model: ModelSpec, token: str | None, endpoint: str) -> ModelManifes
                          model=names[0], mmproj=model.mmproj)
 
 
-def _wanted_files(model: ModelSpec, siblings: dict, commit: str) -> list[str]:
-    """The model file (all its shards when split) then the mmproj, each checked to exist."""
-    where = f"repo {model.repo} at revision {model.revision!r} (commit {commit[:12]})"
+def wanted_names(model: ModelSpec, where: str = "") -> list[str]:
+    """The model file (all its shards when split) then the mmproj: what a host needs."""
+    where = where or f"repo {model.repo} at revision {model.revision!r}"
     names = [model.file]
     split = SPLIT_RE.match(model.file)
     if split:
@@ -157,6 +157,13 @@ def _wanted_files(model: ModelSpec, siblings: dict, commit: str) -> list[str]:
         names = [f"{split['prefix']}-{i:05d}-of-{split['count']}.gguf" for i in range(1, count + 1)]
     if model.mmproj:
         names.append(model.mmproj)
+    return names
+
+
+def _wanted_files(model: ModelSpec, siblings: dict, commit: str) -> list[str]:
+    """wanted_names, each checked to exist."""
+    where = f"repo {model.repo} at revision {model.revision!r} (commit {commit[:12]})"
+    names = wanted_names(model, where)
     for name in names:
         if name not in siblings:
             raise ManifestError(f"{where}: file {name} not found{_did_you_mean(name, siblings)}")
@@ -176,8 +183,13 @@ def _manifest_file(model: ModelSpec, sibling: dict, endpoint: str, commit: str) 
     if not SHA256_RE.match(sha256) or not isinstance(size, int) or size < 0:
         raise ManifestError(f"repo {model.repo} file {name}: the API lists no LFS sha256 and size "
                             f"for it, so a download could not be verified (is it an LFS file?)")
-    url = f"{endpoint}/{model.repo}/resolve/{commit}/{urllib.parse.quote(name, safe='/')}"
-    return ManifestFile(name=name, size=size, sha256=sha256, url=url)
+    return ManifestFile(name=name, size=size, sha256=sha256, url=file_url(endpoint, model.repo,
+                                                                          commit, name))
+
+
+def file_url(endpoint: str, repo: str, commit: str, name: str) -> str:
+    """A file's download URL, pinned to a commit."""
+    return f"{endpoint.rstrip('/')}/{repo}/resolve/{commit}/{urllib.parse.quote(name, safe='/')}"
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -211,7 +211,9 @@ def _service_settings(data: dict) -> ServiceSpec:
     for f in fields(ServiceSpec):
         value = data.get(f.name, f.default)
         if f.name == "model" and value is not None:
-            value = ModelSpec(**value)
+            # JSON lists back into the tuples the deploy held (the lock's file records).
+            value = ModelSpec(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                                 if isinstance(v, list) else v for k, v in value.items()})
         elif isinstance(value, list):
             value = tuple(value)
         values[f.name] = value

@@ -6,6 +6,7 @@ disk. Each problem is one line: host, check, what was found, what was expected, 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Mapping, Sequence
 
 from pyinfra import host, state
@@ -13,7 +14,7 @@ from pyinfra.api import operation
 
 from pyinfra.facts.server import Arch, LinuxDistribution
 
-from llmhost import cuda, gpu, hf, remote, weights
+from llmhost import cuda, gpu, lock, remote, weights
 from llmhost.buildplan import (FA_TYPES, architectures_for, build_toolkit, cuda_arch_for,
                                toolkit_bounds, uncompilable_fa_pairs)
 from llmhost.gpu import (Gpu, GpuFacts, NoNvidiaDevices, Toolkit, arch_number, cap_tuple,
@@ -27,6 +28,10 @@ BUILD_BYTES = {False: 2 << 30, True: 6 << 30}
 
 # Each run's validated settings live on its pyinfra State (one per run; tests make many).
 _SETTINGS_ATTR = "_llmhost_settings"
+_FAILED_ATTR = "_llmhost_settings_failed"
+# Held while one host's greenlet validates and resolves for the run; made when the deploy file
+# imports this, after pyinfra's CLI patched threading for gevent, so waiting yields.
+_RESOLVING = threading.Lock()
 
 
 def controller_problems(settings: HostSettings) -> list[str]:
@@ -60,34 +65,36 @@ def controller_problems(settings: HostSettings) -> list[str]:
 def inventory_settings() -> dict[str, HostSettings]:
     """Validate every host this run touches once per run, before the first operation: the
     hosts pyinfra connected to within --limit (an unreachable host or one outside the limit is
-    neither validated nor resolved)."""
+    neither validated nor resolved). The inventory's lock is applied here (llmhost.lock):
+    Hugging Face models it lacks are resolved now, each once, so a missing file or a refused
+    token stops the run before any host changes; what it holds needs no Hub.
+
+    pyinfra defines each host's operations in its own greenlet: the first one here does the
+    work (and writes the lock, once), the others wait for it and take its result."""
     settings = getattr(state, _SETTINGS_ATTR, None)
-    if settings is None:
-        active = set(state.inventory.get_active_hosts())
-        hosts = {h.name: h.data.dict() for h in state.inventory if h in active}
-        settings = load_inventory_settings(hosts)
-        problems = [p for s in settings.values() for p in controller_problems(s)]
-        problems += manifest_problems(settings)
-        if problems:
-            raise SettingsError(problems)
-        setattr(state, _SETTINGS_ATTR, settings)
-    return settings
-
-
-def manifest_problems(settings: dict[str, HostSettings]) -> list[str]:
-    """Resolve every Hugging Face model of the inventory now (each once), so a missing file or
-    a refused token stops the run before any host changes."""
-    problems = []
-    for host_settings in settings.values():
-        for service in host_settings.services:
-            model = service.model
-            if model.source == "local":
-                continue
+    if settings is not None:
+        return settings
+    with _RESOLVING:
+        settings = getattr(state, _SETTINGS_ATTR, None)
+        if settings is None:
+            failed = getattr(state, _FAILED_ATTR, None)
+            if failed:
+                raise failed
+            active = set(state.inventory.get_active_hosts())
+            hosts = {h.name: h.data.dict() for h in state.inventory if h in active}
             try:
-                hf.resolve_manifest(model, hf.token_for(model), hf.endpoint_for(model))
-            except hf.ManifestError as error:
-                problems.append(f"host {host_settings.host_name}: llm_services.{service.name}.model: {error}")
-    return problems
+                settings = load_inventory_settings(hosts)
+                problems = [p for s in settings.values() for p in controller_problems(s)]
+                if not problems:
+                    settings, problems = lock.locked_settings(
+                        settings, hosts, every_host=len(active) == len(state.inventory))
+                if problems:
+                    raise SettingsError(problems)
+            except SettingsError as error:
+                setattr(state, _FAILED_ATTR, error)
+                raise
+            setattr(state, _SETTINGS_ATTR, settings)
+    return settings
 
 
 def toolkit_install_problems(settings: HostSettings) -> list[str]:

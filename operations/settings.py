@@ -242,6 +242,11 @@ class ModelSpec:
                                            "HF_TOKEN from the environment)", types=(str,),
                                      allowed="an absolute path", check=_abs_path)
 
+    # Not settings: what the lock holds for this model (llmhost.lock), filled in by the
+    # preflight: the commit and each needed file as (name, sha256, size).
+    locked_commit: str | None = None
+    locked_files: tuple[tuple[str, str, int], ...] = ()
+
     @property
     def filename(self) -> str:
         if self.source == "local":
@@ -484,6 +489,10 @@ class HostSettings:
                                                "plus 10 per GB of its model files (19 GB: 310)",
                                          types=(int,), allowed="a positive integer",
                                          check=_positive)
+    lock_file: str | None = setting(None, "controller path of the lock file that holds what this "
+                                          "host's models and llama.cpp resolved to; unset: beside "
+                                          "the inventory (inventory.py -> inventory.lock)",
+                                    types=(str,), allowed="an absolute path", check=_abs_path)
     services: tuple[ServiceSpec, ...] = setting(None, "the llama-server services of this host, by "
                                                       "name (see the service settings)",
                                                 types=(dict,))

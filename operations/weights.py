@@ -19,7 +19,7 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
-from llmhost import hf, remote
+from llmhost import hf, lock, remote
 from llmhost.facts import ModelFile
 from llmhost.settings import HostSettings, ModelSpec
 
@@ -94,8 +94,10 @@ def plan_local(settings: HostSettings, model: ModelSpec) -> PlacedModel:
 
 
 def plan_hf(settings: HostSettings, model: ModelSpec) -> PlacedModel:
-    """Files pinned by the manifest (resolved once per run, before any host is touched)."""
-    manifest = hf.resolve_manifest(model, hf.token_for(model), hf.endpoint_for(model))
+    """Files pinned by the lock (the preflight resolved what it lacked, before any host was
+    touched); a model not through the preflight (pyinfra's API) is resolved here."""
+    manifest = lock.manifest(model) if model.locked_commit else \
+        hf.resolve_manifest(model, hf.token_for(model), hf.endpoint_for(model))
     folder = f"{settings.model_dir}/{manifest.repo.replace('/', '--')}/{manifest.commit[:12]}"
     # All shards in one folder: llama-server finds the others beside the first.
     files = tuple(ModelFileSpec(dest=f"{folder}/{f.basename}", sha256=f.sha256, size=f.size,

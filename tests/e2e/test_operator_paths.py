@@ -17,6 +17,10 @@
 - an inventory that also holds a plain host (no llm_services): left alone, saying so;
 - `--limit`: only the limited hosts' Hugging Face models are resolved (the fake Hub counts);
 - a CPU-only change restarts only its own service, with no build;
+- the lock (the console script llmhost-lock): after a first deploy `main` moves to a re-uploaded
+  file; the rerun changes nothing and asks the Hub nothing; a second host new to the model gets
+  the locked bytes; `llmhost-lock --upgrade` names the file that changes and the commits, and the
+  deploy after it switches both hosts behind the health gate;
 - retention: three model revisions leave the live one, its rollback target and one more; what
   goes is named; a rollback after that still works;
 - a secret pushed from a user's own deploy file (llmhost.secrets.put) to the sudo host: the
@@ -27,6 +31,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from llmhost.files import tiny_gguf
 from tests.support import cache, deployment, leaks, sandbox
 from tests.support.deployment import REPO, DeployResult
 from tests.support.fake_hf import FakeHF
@@ -353,22 +359,85 @@ def test_a_cpu_only_kv_change_restarts_only_its_service(converged):
     assert on_host(host, "ls /opt/llama.cpp/builds") == builds
 
 
-def test_retention_keeps_live_rollback_and_one_more_and_rollback_still_works(converged, tmp_path):
-    host, hub, port = converged["root"], converged["hub"], converged["ports"]["rootdeploy"]
+def lock_cli(site, inventory: Path, *args: str) -> subprocess.CompletedProcess:
+    """The installed console script, from the user's folder."""
+    return subprocess.run([str(site["venv"] / "bin" / "llmhost-lock"), inventory.name, *args],
+                          cwd=site["folder"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **site["env"]})
+
+
+def unit_model(host) -> str:
+    return on_host(host, "grep -o -- '--model [^ ]*' /etc/systemd/system/llama-translate.service")
+
+
+def test_the_lock_holds_until_upgraded_then_retention_keeps_three_and_rollback_works(converged, tmp_path):
+    """One model through three commits. The lock: `main` moved after the first deploy changes
+    nothing and the Hub is not asked; the sudo host, new to the model, gets the locked bytes;
+    the upgrade names the file and the deploy after it switches both hosts. Then retention
+    and a rollback on the root host."""
+    root, sudo, hub = converged["root"], converged["sudo"], converged["hub"]
+    host, ports = root, converged["ports"]
+    port = ports["rootdeploy"]
     hf = {"model": {"source": "hf", "repo": REPO_A, "file": cache.MODEL_NAME}}
-    inventory = write_inventory(converged, "revisions.py", {"rootdeploy": (host, llm_data(converged, port, **hf))})
-    commits, outputs = [], []
-    for revision in range(3):
-        if revision:
-            hub.new_commit(REPO_A)
-        commits.append(hub.repos[REPO_A].commit[:12])
-        result = pyinfra(converged, inventory)
-        assert result.returncode == 0, result.output[-4000:]
-        outputs.append(result.output)
+    one = {"rootdeploy": (root, llm_data(converged, ports["rootdeploy"], **hf))}
+    both = {**one, "sudodeploy": (sudo, llm_data(converged, ports["sudodeploy"], **hf))}
+    model_dir = f"/var/lib/llama-models/{REPO_A.replace('/', '--')}"
+    inventory = write_inventory(converged, "revisions.py", one)
+    lock_path = converged["folder"] / "revisions.lock"
+    commits, outputs = [hub.repos[REPO_A].commit], []
+    first = pyinfra(converged, inventory)
+    assert first.returncode == 0, first.output[-4000:]
+    outputs.append(first.output)
+    locked = json.loads(lock_path.read_text())["models"][REPO_A]
+    assert locked["commit"] == commits[0]
+    assert locked["files"] == {cache.MODEL_NAME: {"sha256": cache.MODEL_SHA256, "size": cache.MODEL_SIZE}}
+
+    tiny = tmp_path / "tiny.gguf"
+    tiny_gguf.write(str(tiny))  # a loadable GGUF of other bytes: the re-upload
+    moved = hub.new_commit(REPO_A, {cache.MODEL_NAME: tiny})
+    hub.reset_counters()
+    started = time.monotonic()
+    again = pyinfra(converged, inventory)
+    assert again.returncode == 0 and again.changed_operations == [], again.output[-4000:]
+    assert hub.log == [], [e.path for e in hub.log]  # not one request to the Hub
+    print(f"[timing] locked no-op rerun: {time.monotonic() - started:.1f}s")
+
+    inventory = write_inventory(converged, "revisions.py", both)
+    added = pyinfra(converged, inventory)
+    assert added.returncode == 0, added.output[-4000:]
+    assert hub.api_requests() == [] and all(commits[0] in e.path for e in hub.log), hub.log
+    assert f"{model_dir}/{commits[0][:12]}/" in unit_model(sudo)
+    print(f"[timing] second host gets the locked model: {added.seconds:.1f}s")
+    assert on_host(sudo, f"sha256sum {model_dir}/{commits[0][:12]}/*.gguf").split()[0] == cache.MODEL_SHA256
+
+    upgrade = lock_cli(converged, inventory, "--upgrade")
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert f"{REPO_A} (revision 'main'): {commits[0][:12]} -> {moved[:12]}" in upgrade.stdout, upgrade.stdout
+    assert f"  {cache.MODEL_NAME}: sha256 {cache.MODEL_SHA256[:12]} -> " in upgrade.stdout, upgrade.stdout
+    assert "llama.cpp" not in upgrade.stdout  # the package's commit did not move
+    commits.append(moved)
+    switched = pyinfra(converged, inventory)
+    assert switched.returncode == 0, switched.output[-4000:]
+    assert "Service llama-translate.service" in switched.changed_operations
+    outputs.append(switched.output)
+    for switched_host in (root, sudo):
+        assert f"{model_dir}/{moved[:12]}/" in unit_model(switched_host)
+        assert on_host(switched_host, "systemctl is-active llama-translate.service").strip() == "active"
+
+    # A third commit, for retention, on the root host; the sudo host goes back to its own model.
+    back = pyinfra(converged, converged["inventory"], "--limit", "sudodeploy")
+    assert back.returncode == 0, back.output[-4000:]
+    print(f"[timing] both hosts switched: {switched.seconds:.1f}s; the sudo host back: {back.seconds:.1f}s")
+    inventory = write_inventory(converged, "revisions.py", one)
+    commits.append(hub.new_commit(REPO_A))
+    assert lock_cli(converged, inventory, "--upgrade", REPO_A).returncode == 0
+    third = pyinfra(converged, inventory)
+    assert third.returncode == 0, third.output[-4000:]
+    outputs.append(third.output)
+    commits = [c[:12] for c in commits]
     # Version folders: <owner>--<repo>/<commit12> and local-<sha12>.
     folders = on_host(host, "cd /var/lib/llama-models && { ls -d *--*/*/ local-*/ 2>/dev/null; true; }").split()
     folders = [f"/var/lib/llama-models/{f.rstrip('/')}" for f in folders]
-    model_dir = f"/var/lib/llama-models/{REPO_A.replace('/', '--')}"
     # Live (3rd), its rollback target (2nd), and the newest spare (1st); the local model of the
     # first deploys is older than all three: it went, and the deploy that removed it said so.
     assert sorted(folders) == sorted(f"{model_dir}/{c}" for c in commits), folders

@@ -63,9 +63,13 @@ class FakeRepo:
     private: bool = False
     token: str | None = None
     older: set[str] = field(default_factory=set)  # earlier commits, still resolvable by sha
+    older_files: dict[str, dict[str, FakeFile]] = field(default_factory=dict)  # their files
 
     def knows(self, commit: str) -> bool:
         return commit == self.commit or commit in self.older
+
+    def files_at(self, commit: str) -> dict[str, FakeFile]:
+        return self.older_files.get(commit, self.files) if commit != self.commit else self.files
 
 
 @dataclass
@@ -135,6 +139,31 @@ class FakeHF:
                  non_lfs: tuple[str, ...] = (), sha256: dict[str, str] | None = None) -> str:
         """Register a repo with one commit; ``refs`` are more branch/tag names for it (``main`` always).
         Returns the commit sha. ``sha256`` may give known hashes to skip hashing big files."""
+        entries = self._entries(files, non_lfs, sha256)
+        commit = hashlib.sha1("\0".join([repo] + [f"{n}:{f.sha256}" for n, f in sorted(entries.items())])
+                              .encode()).hexdigest()
+        names = {"main": commit, **{ref: commit for ref in refs}}
+        self.repos[repo] = FakeRepo(repo, commit, entries, names, gated, private, token)
+        return commit
+
+    def new_commit(self, repo: str, files: dict[str, Path | bytes] | None = None,
+                   sha256: dict[str, str] | None = None) -> str:
+        """A new commit of ``repo``, ``main`` moved to it (a model repo's monthly update): the
+        same files, or with ``files`` replacing (or adding) some of them (a GGUF re-uploaded
+        with a fix). The earlier commits stay resolvable by sha, each with its own files.
+        Returns the new sha."""
+        r = self.repos[repo]
+        r.older.add(r.commit)
+        r.older_files[r.commit] = dict(r.files)
+        if files:
+            r.files = {**r.files, **self._entries(files, (), sha256)}
+        r.commit = hashlib.sha1(f"{r.commit}:next".encode()).hexdigest()
+        r.refs = {name: r.commit for name in r.refs}
+        return r.commit
+
+    @staticmethod
+    def _entries(files: dict[str, Path | bytes], non_lfs: tuple[str, ...],
+                 sha256: dict[str, str] | None) -> dict[str, FakeFile]:
         entries = {}
         for name, source in files.items():
             if isinstance(source, bytes):
@@ -145,20 +174,11 @@ class FakeHF:
                 digest = (sha256 or {}).get(name) or sha256_path(path)
                 entries[name] = FakeFile(name, path.stat().st_size, digest, path=path,
                                          lfs=name not in non_lfs)
-        commit = hashlib.sha1("\0".join([repo] + [f"{n}:{f.sha256}" for n, f in sorted(entries.items())])
-                              .encode()).hexdigest()
-        names = {"main": commit, **{ref: commit for ref in refs}}
-        self.repos[repo] = FakeRepo(repo, commit, entries, names, gated, private, token)
-        return commit
+        return entries
 
-    def new_commit(self, repo: str) -> str:
-        """A new commit of ``repo`` with the same files, ``main`` moved to it (a model repo's
-        monthly update); the earlier commits stay resolvable by sha. Returns the new sha."""
-        r = self.repos[repo]
-        r.older.add(r.commit)
-        r.commit = hashlib.sha1(f"{r.commit}:next".encode()).hexdigest()
-        r.refs = {name: r.commit for name in r.refs}
-        return r.commit
+    def api_requests(self) -> list[str]:
+        """Paths of the requests that asked the Hub's API (what resolution costs)."""
+        return [e.path for e in self.log if e.path.startswith("/api/")]
 
     def reset_counters(self) -> None:
         with self.lock:
@@ -276,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not repo or not (commit := self._commit(repo, rev)):
             return
         siblings = []
-        for f in repo.files.values():
+        for f in repo.files_at(commit).values():
             sibling = {"rfilename": f.name, "size": f.size,
                        "blobId": hashlib.sha1(f.sha256.encode()).hexdigest()}
             if f.lfs:
@@ -290,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(name, needs_token=True) if self._is_gated(name) else self._repo(name, False)
         if not repo or not (commit := self._commit(repo, rev)):
             return
-        f = repo.files.get(filename)
+        f = repo.files_at(commit).get(filename)
         if f is None:
             return self._error(404, "EntryNotFound", f"{filename} does not exist on {rev}")
         headers = {"X-Repo-Commit": commit, "ETag": f'"{f.sha256}"'}
@@ -307,7 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, name: str, commit: str, filename: str, head: bool) -> None:
         repo = self.hub.repos.get(name)
-        f = repo.files.get(filename) if repo and repo.knows(commit) else None
+        f = repo.files_at(commit).get(filename) if repo and repo.knows(commit) else None
         if f is None:
             return self._error(404, None, "NoSuchKey")
         self._send_file(f, head, {"ETag": f'"{f.sha256}"'})
