@@ -8,6 +8,13 @@ it is the pinned commit. Where the CPU code faults (SIGILL: the CPU's CPUID list
 its hypervisor does not let it run), the build is redone for the next CPU baseline given, in the
 same folder; the marker records the baseline that ran and the faults seen. An interrupted build
 resumes where ninja left off on the next run. The full log stays beside the build for failures.
+
+A build made on another host of the fleet (its artefact: bin/ and its record, from the
+controller's cache, llmhost.buildcache) is taken only once it passes the same checks here: the
+sha256 the cache recorded for the whole artefact and for each file, the CPU self-test on this
+CPU, the commit in --version and system_info; an artefact that fails one is refused with the
+reason, removed, and the build is made here instead. ``--pack`` makes such an artefact of a
+verified build, for the controller to fetch.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ import json
 import os
 import platform
 import re
+import hashlib
+import io
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -33,6 +44,9 @@ SELFTEST_TIMEOUT = 300
 # broken build or host, not a baseline to drop).
 FAULT_SIGNALS = ("SIGILL", "SIGSEGV", "SIGBUS")
 PROGRESS_EVERY = 10.0
+# Inside an artefact: what it holds and their sha256, and the build's record (llmhost.buildcache).
+ARTEFACT_RECORD = "artefact.json"
+RECORD_KEYS = ("commit", "flags", "cpu", "targets", "version")
 
 
 class BuildError(RuntimeError):
@@ -45,6 +59,10 @@ class SelfTestError(RuntimeError):
 
 class CpuFaultError(RuntimeError):
     """No baseline tried runs on this CPU."""
+
+
+class Refused(RuntimeError):
+    """A build artefact from the cache failed a check here (the reason); it is not used."""
 
 
 def log(message: str) -> None:
@@ -137,6 +155,188 @@ def built_files(build_dir: str) -> dict[str, list[int]]:
             st = os.stat(path)
             files[f"bin/{name}"] = [st.st_size, st.st_mtime_ns]
     return files
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def identity_problems(build_dir: str, commit: str, expectations: list[str]) -> tuple[list[str], str, str]:
+    """(what is wrong, --version's output, system_info): the commit must be in --version and
+    system_info must show every expectation. Run for a build made here and one received."""
+    version = version_output(build_dir)
+    if commit[:8] not in version:
+        return [f"llama-server --version does not name commit {commit[:8]}:\n{version}"], version, ""
+    info = ""
+    if expectations:
+        info = system_info(build_dir)
+        problems = system_info_problems(info, expectations)
+        if problems:
+            return [f"system_info does not show what this host needs: {'; '.join(problems)}\n"
+                    f"system_info: {info}"], version, info
+    return [], version, info
+
+
+def write_marker(build_dir: str, record: dict) -> None:
+    """The marker, written last and atomically: the build is usable from here on."""
+    marker = os.path.join(build_dir, MARKER)
+    tmp = marker + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
+
+
+def selftest_line(cpu: dict, model: str) -> str:
+    pp, tg = (f"{v:.0f}" for v in (cpu["rates"].get("pp32", 0), cpu["rates"].get("tg8", 0)))
+    return (f"CPU self-test: the {cpu['baseline']} build computes on this CPU in "
+            f"{cpu['selftest_seconds']:.2f}s (llama-bench on a {os.path.getsize(model) >> 20} MB "
+            f"model, CPU only: pp32 {pp} t/s, tg8 {tg} t/s)")
+
+
+def pack(build_dir: str, out: str, key: str) -> int:
+    """A verified build's artefact at ``out`` (.tar.gz: bin/ and ARTEFACT_RECORD, with every
+    file's sha256 and the build's record), and ``out``.json with the artefact's own sha256, which
+    the controller checks the copy it fetched against."""
+    try:
+        with open(os.path.join(build_dir, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as error:
+        log(f"build artefact: {build_dir} has no readable marker ({error}): not packed")
+        return 1
+    files, links = {}, {}
+    bin_dir = os.path.join(build_dir, "bin")
+    for name in sorted(os.listdir(bin_dir)):
+        path = os.path.join(bin_dir, name)
+        if os.path.islink(path):
+            links[f"bin/{name}"] = os.readlink(path)
+        elif os.path.isfile(path):
+            files[f"bin/{name}"] = sha256_file(path)
+    record = {"key": key, "files": files, "links": links,
+              "record": {k: marker.get(k) for k in RECORD_KEYS}}
+    partial = out + ".partial"
+    # gzip level 1: a CUDA build's libggml-cuda.so is hundreds of MB, sent over SSH twice.
+    with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+        data = json.dumps(record, indent=1).encode()
+        info = tarfile.TarInfo(ARTEFACT_RECORD)
+        info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+        for name in [*files, *links]:
+            tar.add(os.path.join(build_dir, name), arcname=name, recursive=False)
+    digest, size = sha256_file(partial), os.path.getsize(partial)
+    os.replace(partial, out)
+    with open(out + ".json", "w") as f:
+        json.dump({"key": key, "sha256": digest, "size": size}, f)
+    log(f"build artefact {key[:12]}: packed {len(files)} files and {len(links)} links of "
+        f"{build_dir}, {size / 2**20:.1f} MiB, sha256 {digest}")
+    return 0
+
+
+def _members(tar: tarfile.TarFile, record: dict) -> list[tarfile.TarInfo]:
+    """The artefact's files and links, exactly those its record lists, each a plain name under
+    bin/ (nothing written outside the build folder)."""
+    listed = set(record.get("files", {})) | set(record.get("links", {}))
+    found = {}
+    for member in tar.getmembers():
+        if member.name == ARTEFACT_RECORD:
+            continue
+        folder, _, name = member.name.partition("/")
+        if folder != "bin" or not name or "/" in name or name in (".", ".."):
+            raise Refused(f"it holds {member.name!r}, outside bin/")
+        if not (member.isfile() or (member.issym() and "/" not in member.linkname)):
+            raise Refused(f"{member.name} is neither a file nor a link within bin/")
+        found[member.name] = member
+    if set(found) != listed:
+        raise Refused(f"its files differ from its record: {sorted(set(found) ^ listed)}")
+    return [found[name] for name in sorted(found)]
+
+
+def receive(args, model: str) -> int:
+    """Put the artefact ``args.artefact`` in place as ``args.build_dir`` and verify it as a build
+    made here is verified. 0 when it is in place with its marker; 1 when it was refused (the
+    reason printed, nothing of it left behind)."""
+    tag = f"build artefact {args.artefact_key[:12]}"
+    log(f"{tag}: received from the controller's cache (built on {args.artefact_from}); verifying it")
+    created = not os.path.isdir(args.build_dir)
+    placed: list[str] = []
+    try:
+        digest = sha256_file(args.artefact)
+        if digest != args.artefact_sha256:
+            raise Refused(f"its sha256 is {digest}, the cache recorded {args.artefact_sha256}")
+        try:
+            tar = tarfile.open(args.artefact)
+            record = json.load(tar.extractfile(ARTEFACT_RECORD))
+        except (tarfile.TarError, KeyError, ValueError, TypeError) as error:
+            raise Refused(f"it is not a readable artefact ({error})")
+        with tar:
+            if record.get("key") != args.artefact_key:
+                raise Refused(f"it is the artefact of key {record.get('key')}, not {args.artefact_key}")
+            members = _members(tar, record)
+            os.makedirs(os.path.join(args.build_dir, "bin"), exist_ok=True)
+            for member in members:
+                path = os.path.join(args.build_dir, member.name)
+                tmp = path + ".received"
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                if member.issym():
+                    os.symlink(member.linkname, tmp)
+                else:
+                    with tar.extractfile(member) as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    os.chmod(tmp, 0o755)
+                    found = sha256_file(tmp)
+                    if found != record["files"][member.name]:
+                        os.unlink(tmp)
+                        raise Refused(f"{member.name} has sha256 {found}, its record says "
+                                      f"{record['files'][member.name]}")
+                os.replace(tmp, path)
+                placed.append(path)
+        cpu_built = (record.get("record") or {}).get("cpu") or {}
+        baseline = cpu_built.get("baseline", "native")
+        try:
+            seconds, fault, output = selftest(args.build_dir, model)
+        except (SelfTestError, subprocess.TimeoutExpired, OSError) as error:
+            raise Refused(f"its CPU self-test failed here: {error}")
+        if fault:
+            raise Refused(f"its {baseline} CPU code faults on this CPU ({fault} in the CPU self-test)")
+        problems, version, info = identity_problems(args.build_dir, args.commit, args.expect_system_info)
+        if problems:
+            raise Refused("; ".join(problems))
+    except Refused as error:
+        log(f"{tag} refused: {error}; building here instead")
+        for path in placed:
+            os.unlink(path)
+        if created:
+            shutil.rmtree(args.build_dir, ignore_errors=True)
+        return 1
+    finally:
+        if os.path.exists(args.artefact):
+            os.unlink(args.artefact)
+    cpu = {"baseline": baseline, "flags": cpu_built.get("flags", []),
+           "faults": cpu_built.get("faults", []), "selftest_seconds": round(seconds, 2),
+           "rates": rates(output), "requested": args.cpu_baseline}
+    line = fallback_line(cpu)
+    if line:
+        log(f"{line} (found on {args.artefact_from}, whose CPU is the same)")
+    log(selftest_line(cpu, model))
+    if info:
+        log(f"system_info: {info}")
+    write_marker(args.build_dir, {
+        "commit": args.commit, "flags": args.cmake_flag, "cpu": cpu,
+        "targets": args.targets.split(","), "version": version.strip().splitlines()[-2:],
+        "seconds": 0, "files": built_files(args.build_dir),
+        "received": {"key": args.artefact_key, "sha256": args.artefact_sha256,
+                     "built_on": args.artefact_from}})
+    log(f"{tag} verified: the sha256 of its {len(members)} files, the commit, system_info "
+        f"and the CPU self-test")
+    log(f"build {args.build_dir} verified: {version.strip().splitlines()[0]} "
+        f"(received from {args.artefact_from}, not built here)")
+    return 0
 
 
 def signal_name(returncode: int) -> str | None:
@@ -250,10 +450,17 @@ def fallback_line(record: dict) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--src", required=True)
     parser.add_argument("--build-dir", required=True)
-    parser.add_argument("--commit", required=True)
-    parser.add_argument("--targets", required=True, help="comma-separated ninja targets")
+    parser.add_argument("--pack", metavar="OUT", help="make the artefact of the verified build "
+                        "at OUT (and OUT.json); nothing else is done")
+    parser.add_argument("--artefact", help="an artefact of this build from the controller's "
+                        "cache: verified and used, else refused and the build made here")
+    parser.add_argument("--artefact-sha256", default="", help="its sha256 as the cache recorded it")
+    parser.add_argument("--artefact-key", default="", help="its key (llmhost.buildcache)")
+    parser.add_argument("--artefact-from", default="another host", help="the host that built it")
+    parser.add_argument("--src")
+    parser.add_argument("--commit")
+    parser.add_argument("--targets", help="comma-separated ninja targets")
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--ccache-dir", default="")
     parser.add_argument("--cmake-flag", action="append", default=[])
@@ -265,6 +472,10 @@ def main() -> int:
     parser.add_argument("--expect-system-info", action="append", default=[],
                         help="KEY=VALUE that system_info must show, e.g. ARCHS=900")
     args = parser.parse_args()
+    if args.pack:
+        return pack(args.build_dir, args.pack, args.artefact_key)
+    if not (args.src and args.commit and args.targets):
+        parser.error("--src, --commit and --targets are required to build")
 
     marker = os.path.join(args.build_dir, MARKER)
     if os.path.exists(marker):
@@ -277,6 +488,15 @@ def main() -> int:
         log(f"build: {name} was deleted or replaced since the build was verified: building it again")
         if os.path.isfile(path):
             os.unlink(path)
+    if args.artefact:
+        # The self-test's model, beside the folder until the artefact is taken.
+        model = f"{args.build_dir}.{SELFTEST_MODEL}"
+        tiny_gguf.write(model)
+        received = receive(args, model) == 0
+        if received:
+            os.replace(model, os.path.join(args.build_dir, SELFTEST_MODEL))
+            return 0
+        os.unlink(model)
     os.makedirs(args.build_dir, exist_ok=True)
     log_path = args.build_dir + ".log"
     env = dict(os.environ)
@@ -324,34 +544,17 @@ def main() -> int:
     line = fallback_line(cpu)
     if line:
         log(line)
-    pp, tg = (f"{v:.0f}" for v in (cpu["rates"].get("pp32", 0), cpu["rates"].get("tg8", 0)))
-    log(f"CPU self-test: the {cpu['baseline']} build computes on this CPU in "
-        f"{cpu['selftest_seconds']:.2f}s (llama-bench on a {os.path.getsize(model) >> 20} MB "
-        f"model, CPU only: pp32 {pp} t/s, tg8 {tg} t/s)")
-
-    version = version_output(args.build_dir)
-    if args.commit[:8] not in version:
-        log(f"build check failed: llama-server --version does not name commit {args.commit[:8]}:\n"
-            f"{version}")
+    log(selftest_line(cpu, model))
+    problems, version, info = identity_problems(args.build_dir, args.commit, args.expect_system_info)
+    if problems:
+        log(f"build check failed: {problems[0]}")
         return 2
-    if args.expect_system_info:
-        info = system_info(args.build_dir)
-        problems = system_info_problems(info, args.expect_system_info)
-        if problems:
-            log(f"build check failed: system_info does not show what this host needs: "
-                f"{'; '.join(problems)}\nsystem_info: {info}")
-            return 2
+    if info:
         log(f"system_info: {info}")
-    record = {"commit": args.commit, "flags": args.cmake_flag, "cpu": cpu,
-              "targets": args.targets.split(","),
-              "version": version.strip().splitlines()[-2:], "seconds": round(time.monotonic() - started),
-              "files": built_files(args.build_dir)}
-    tmp = marker + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, marker)
+    write_marker(args.build_dir, {
+        "commit": args.commit, "flags": args.cmake_flag, "cpu": cpu,
+        "targets": args.targets.split(","), "version": version.strip().splitlines()[-2:],
+        "seconds": round(time.monotonic() - started), "files": built_files(args.build_dir)})
     log(f"build {args.build_dir} verified: {version.strip().splitlines()[0]}")
     return 0
 

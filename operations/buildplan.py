@@ -95,6 +95,7 @@ class Build:
     # Fragments system_info must show before the build is used (CUDA archs, FA pairs, FP4).
     expected_system_info: tuple[str, ...] = ()
     nvcc: str | None = None
+    toolkit_version: str | None = None          # the CUDA toolkit's release ("12.8"); None for CPU
     archs: tuple[str, ...] = ()                  # CUDA archs compiled; () for a CPU build
     fa_pairs: tuple[tuple[str, str], ...] = ()   # flash-attention (K, V) pairs compiled
     # GPUs of the host it is built for: what a GPU service without `gpus` offloads to (not
@@ -126,7 +127,7 @@ def cmake_flags(settings: HostSettings, backend_flags: tuple[str, ...] = ()) -> 
 def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
                expected_system_info: tuple[str, ...] = (), nvcc: str | None = None,
                archs: tuple[str, ...] = (), fa_pairs: tuple[tuple[str, str], ...] = (),
-               gpu_count: int = 0) -> Build:
+               gpu_count: int = 0, toolkit_version: str | None = None) -> Build:
     flags = cmake_flags(settings, backend_flags)
     # Keyed by the baseline asked for, not the one found: "auto" is one build, "the best
     # baseline that runs here", so a rerun finds it complete and never tries native again.
@@ -140,6 +141,7 @@ def plan_build(settings: HostSettings, backend_flags: tuple[str, ...] = (),
         cmake_flags=flags,
         expected_system_info=expected_system_info,
         nvcc=nvcc,
+        toolkit_version=toolkit_version,
         archs=archs,
         fa_pairs=fa_pairs,
         gpu_count=gpu_count,
@@ -162,7 +164,8 @@ def plan_for_host(settings: HostSettings, facts: GpuFacts) -> Build:
         expected.append("BLACKWELL_NATIVE_FP4=1")
     return plan_build(settings, tuple(cuda_cmake_flags(toolkit.path, archs, settings.fa_pairs)),
                       tuple(expected), toolkit.path, tuple(archs),
-                      compiled_fa_pairs(settings.fa_pairs), gpu_count=len(facts.gpus))
+                      compiled_fa_pairs(settings.fa_pairs), gpu_count=len(facts.gpus),
+                      toolkit_version=toolkit.version)
 
 # ---------------------------------------------------------------------------------------------
 # CUDA archs, flash-attention pairs, the toolkit

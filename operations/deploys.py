@@ -13,8 +13,8 @@ from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import Groups, Os
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
-from llmhost import (base, buildplan, cuda, gateway, gpu, hostread, llamacpp, preflight,
-                     retention, secrets, services, sudostdin, timing, weights)
+from llmhost import (base, buildcache, buildplan, cuda, gateway, gpu, hostread, llamacpp,
+                     preflight, retention, secrets, services, sudostdin, timing, weights)
 from llmhost import manifest as record
 from llmhost.facts import (Account, BuildState, FileDigests, GpuHeld, JsonFile, KeyAccepted, ManifestState,
                            ModelFile, UnitState)
@@ -120,7 +120,8 @@ def _serve(settings: HostSettings) -> _Served | None:
         name="llama.cpp build", source_dir=build.source_dir, build_dir=build.build_dir,
         commit=settings.llamacpp_commit, cmake_flags=list(build.cmake_flags),
         expected_system_info=list(build.expected_system_info), jobs=settings.build_jobs,
-        ccache_dir=f"{settings.install_dir}/ccache", cpu_baseline=build.cpu_baseline)
+        ccache_dir=f"{settings.install_dir}/ccache", cpu_baseline=build.cpu_baseline,
+        cache=buildcache.cache_dir(settings), key_inputs=buildcache.key_inputs(settings, build))
 
     for service in settings.services:
         for spec in models[service.name].files:

@@ -251,3 +251,28 @@ class GpuHeld(FactBase):
         except ValueError:
             return None
         return {"ok": bool(found["ok"]), "reason": found.get("reason", "")} if found else None
+
+
+class BuildHost(FactBase):
+    """What a llama.cpp build made here depends on beyond its flags: the distribution and its
+    release, the C library, the machine, and the CPU (vendor, family, model and flags of the
+    first CPU, hashed: what -march=native compiles for). Read only for a build that is not in
+    place, to key its artefact (llmhost.buildcache)."""
+
+    # First CPU's block of /proc/cpuinfo, the lines that decide -march=native (x86 and Arm).
+    _CPU = ("awk -F: '/^$/{exit} /^(vendor_id|cpu family|model|flags|Features|CPU implementer|"
+            "CPU architecture|CPU variant|CPU part)[ \\t]*:/{print}' /proc/cpuinfo "
+            "| sha256sum | cut -c1-16")
+
+    def command(self) -> str:
+        return ("(. /etc/os-release 2>/dev/null; echo \"os=${ID:-unknown} ${VERSION_ID:-}\"); "
+                "echo \"libc=$(getconf GNU_LIBC_VERSION 2>/dev/null || echo unknown)\"; "
+                "echo \"machine=$(uname -m)\"; "
+                f"echo \"cpu=$({self._CPU})\"")
+
+    def process(self, output):
+        return dict(line.strip().split("=", 1) for line in output if "=" in line)
+
+    @staticmethod
+    def default():
+        return {}

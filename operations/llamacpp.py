@@ -5,7 +5,8 @@ Layout under llm_install_dir:
     builds/<commit12>-<flags8>/      one build per commit, flag set and llm_cpu_baseline as set (auto
                                      is one build: the best baseline that runs here), marker written
                                      once verified; selftest.gguf, the CPU self-test's tiny model
-    builds/<...>.log                 the build log, kept for failures
+    builds/<...>.log                 the build log, kept for failures (none for a build received
+                                     from the controller's cache: llmhost.buildcache)
     ccache/                          shared by every build, so a flag change recompiles only what changed
 A new commit or flag set builds beside the old build, which keeps serving until the unit switch.
 """
@@ -20,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, operation
+from pyinfra.api import FileDownloadCommand, FileUploadCommand, FunctionCommand, operation
 
-from llmhost import remote
+from llmhost import buildcache, remote
 from llmhost.buildplan import TARGETS, cpu_candidates
-from llmhost.facts import BuildState, JsonFile
+from llmhost.facts import BuildHost, BuildState, JsonFile
 from llmhost.settings import HostSettings
 
 SOURCE_MARKER = ".llmhost-source"
@@ -92,7 +93,8 @@ def source(source_dir: str, commit: str, git_url: str | None = None, tarball: st
 
 @operation()
 def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
-          expected_system_info: list[str], jobs: int, ccache_dir: str, cpu_baseline: str = "auto"):
+          expected_system_info: list[str], jobs: int, ccache_dir: str, cpu_baseline: str = "auto",
+          cache: str = "", key_inputs: dict | None = None):
     """Build llama-server and llama-bench, verified before use: the build computes on this
     host's CPU (a CPU self-test: llama-bench on a tiny model, CUDA hidden), --version must name
     ``commit`` and system_info show ``expected_system_info``, then a marker records the build's
@@ -103,6 +105,13 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
     again where it stands (ninja relinks just those; a running service keeps the files it has
     open until its restart behind the health gate).
 
+    With a ``cache`` on the controller (llmhost.buildcache), a build of the same key made by
+    another host is received instead: the first host of the run that needs the key builds it
+    and sends its artefact to the cache, the hosts after it wait for that and get it pushed,
+    then verify it here exactly as a build made here (sha256 of the artefact and each file, the
+    CPU self-test, --version, system_info). An artefact that fails a check is refused with the
+    reason and the build is made here (and replaces the cache's entry).
+
     + source_dir: the source (see source)
     + build_dir: the build's folder, keyed by commit and flags (llmhost.buildplan)
     + commit: what --version must name
@@ -112,6 +121,9 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
     + ccache_dir: ccache shared by every build of the host
     + cpu_baseline: llm_cpu_baseline: auto (native, else the first x86-64 level that runs) or one
       baseline (llmhost.buildplan.cpu_candidates)
+    + cache: the controller's artefact folder (llm_build_cache), "" for none
+    + key_inputs: what the artefact's key holds from the plan (llmhost.buildcache.key_inputs);
+      the host's distribution, C library, machine and CPU are added here
 
     **Example:**
 
@@ -120,7 +132,8 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
         build(name="llama.cpp build", source_dir=plan.source_dir, build_dir=plan.build_dir,
               commit=plan_commit, cmake_flags=list(plan.cmake_flags),
               expected_system_info=list(plan.expected_system_info), jobs=0,
-              ccache_dir="/opt/llama.cpp/ccache", cpu_baseline="auto")
+              ccache_dir="/opt/llama.cpp/ccache", cpu_baseline="auto",
+              cache="/home/me/.cache/llmhost/builds", key_inputs=buildcache.key_inputs(s, plan))
     """
     recorded = host.get_fact(BuildState, build_dir=build_dir)
     label = f"llama.cpp build {os.path.basename(build_dir)}"
@@ -141,4 +154,38 @@ def build(source_dir: str, build_dir: str, commit: str, cmake_flags: list[str],
     if recorded:  # its record no longer matches (or predates file records): verify it again
         args += [f"--remove={changed}" for changed in recorded["changed"]]
         yield f"rm -f {shlex.quote(f'{build_dir}/{BUILD_MARKER}')}"
+    if not cache or key_inputs is None:
+        yield remote.streamed(remote.helper_command("build_llamacpp.py", *args), label)
+        return
+
+    digest, inputs = buildcache.key(key_inputs, host.get_fact(BuildHost))
+    if buildcache.executing():
+        buildcache.announce(host, cache, digest)
+        buildcache.wait_for_earlier(host, cache, digest)
+    entry = buildcache.lookup(cache, digest)
+    if entry:
+        pushed = f"{build_dir}.artefact.tar.gz"
+        yield FileUploadCommand(entry.tarball, pushed)
+        args += [f"--artefact={pushed}", f"--artefact-sha256={entry.sha256}",
+                 f"--artefact-key={digest}", f"--artefact-from={entry.built_on}"]
     yield remote.streamed(remote.helper_command("build_llamacpp.py", *args), label)
+    # Built here (nothing in the cache, or the cache's artefact was refused): its artefact goes
+    # to the cache for the hosts after this one.
+    marker = host.get_fact(JsonFile, path=f"{build_dir}/{BUILD_MARKER}")
+    if marker and "received" not in marker:
+        yield from _send_to_cache(build_dir, cache, digest, inputs)
+
+
+def _send_to_cache(build_dir: str, cache: str, digest: str, inputs: dict):
+    """Pack the verified build on the host, fetch it, keep it in the cache (buildcache.store)."""
+    packed = f"{build_dir}.artefact.tar.gz"
+    os.makedirs(cache, exist_ok=True)
+    fetched = os.path.join(cache, f".{digest}.{host.name}.fetched")
+    yield remote.streamed(remote.helper_command("build_llamacpp.py", "--build-dir", build_dir,
+                                                f"--pack={packed}", f"--artefact-key={digest}"),
+                          f"llama.cpp build artefact {digest[:12]}")
+    yield FileDownloadCommand(packed, fetched + ".tar.gz")
+    yield FileDownloadCommand(packed + ".json", fetched + ".json")
+    yield f"rm -f {shlex.quote(packed)} {shlex.quote(packed + '.json')}"
+    yield FunctionCommand(buildcache.store, (cache, digest, inputs, fetched + ".tar.gz",
+                                             fetched + ".json"), {})

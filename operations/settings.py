@@ -455,6 +455,15 @@ class HostSettings:
     build_jobs: int = setting(0, "parallel compile jobs for the llama.cpp build; 0 means one per "
                                  "CPU", types=(int,), allowed="a non-negative integer",
                               check=_non_negative)
+    build_cache: str | bool = setting("~/.cache/llmhost/builds",
+                                      "controller folder of built llama.cpp artefacts, one per "
+                                      "key (commit, cmake flags, CUDA toolkit, build folder, "
+                                      "distribution, C library, machine, CPU): the first host of "
+                                      "a run to need a key builds it, the others receive it and "
+                                      "verify it; copy a key's folder in to pre-seed it; false: "
+                                      "every host builds", types=(str, bool),
+                                      allowed="a folder path on the controller, or false",
+                                      check=lambda v: v is False or (isinstance(v, str) and v.strip() != ""))
     cpu_baseline: str = setting("auto", "what the CPU code of llama.cpp is compiled for: auto "
                                         "(native, and where that faults in the build's CPU "
                                         "self-test, the first of x86-64-v4, -v3, -v2 that runs), "

@@ -71,6 +71,7 @@ def site(tmp_path_factory):
         def inventory(file: str, clients=("tester", "other"), key=backend_key, pushed=pushed_client,
                       tls=None, **service) -> Path:
             servers = [(name, {**hosts[name].pyinfra_data(), "llm_llamacpp_source": "local",
+                               "llm_build_cache": deployment.build_cache(),
                                "llm_llamacpp_local_path": str(source),
                                "llm_services": {"translate": deployment.service_settings(
                                    ports[name], model, api_key_file=str(key), **service),

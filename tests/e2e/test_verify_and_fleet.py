@@ -6,6 +6,9 @@
 (b) a Debian 13 (trixie) host converges, reruns with zero changes and passes verify;
 (c) three hosts in one inventory, deployed in parallel: converge, zero-change rerun, verify;
     converge and no-op times for 1 and 3 hosts are recorded (benchmarks/RESULTS-fleet.md);
+    with a build cache of their own, empty: the first host builds llama.cpp, the second and
+    third receive its artefact and verify it; one byte changed in the cached artefact is refused
+    by the host it is pushed to, which builds instead;
 (d) one host unreachable among three: the other two converge and the output names it.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -194,13 +198,16 @@ def test_debian_13_host_converges_and_passes_verify(site):
 @pytest.fixture(scope="module")
 def fleet(site, one):
     names = ("fleet1", "fleet2", "fleet3")
+    # Their own cache, empty: the session's already holds verify1's build of the same key.
+    builds = site["workdir"] / "fleet-builds"
     with contextlib.ExitStack() as stack:
         hosts = {name: stack.enter_context(deployment.booted(name)) for name in names}
-        inventory = site["inventory"]("fleet.py", dict(hosts))
+        inventory = site["inventory"]("fleet.py", {name: (host, {"llm_build_cache": str(builds)})
+                                                   for name, host in hosts.items()})
         first = run_deploy(inventory, env=site["env"])
         assert first.returncode == 0, first.output[-8000:]
         record("converge", 3, first.seconds)
-        yield {"hosts": hosts, "inventory": inventory, "first": first}
+        yield {"hosts": hosts, "inventory": inventory, "first": first, "builds": builds}
 
 
 def test_three_hosts_converge_in_parallel(fleet):
@@ -208,6 +215,55 @@ def test_three_hosts_converge_in_parallel(fleet):
         assert op in fleet["first"].changed_operations
     for name, host in fleet["hosts"].items():
         assert ssh(host, f"systemctl is-active {UNIT}").stdout.strip() == "active", name
+
+
+def host_lines(output: str, name: str) -> str:
+    return "\n".join(line for line in output.splitlines() if f"[{name}]" in line)
+
+
+def test_one_host_builds_and_the_others_receive_its_build(fleet):
+    """fleet1 builds and sends its artefact to the cache; fleet2 and fleet3 wait for it, receive
+    it and verify it (sha256 of each file, the CPU self-test, --version, system_info)."""
+    output = fleet["first"].output
+    (entry,) = [p for p in fleet["builds"].iterdir() if not p.name.startswith(".")]
+    digest = entry.name
+    assert json.loads((entry / "artefact.json").read_text())["built_on"] == "fleet1"
+    builder = host_lines(output, "fleet1")
+    assert re.search(r"build \S+ verified: version: .*commit 0c1e5709\w*\)$", builder, re.M), builder[-3000:]
+    assert f"build artefact {digest[:12]}: kept in the controller's cache" in builder, builder[-3000:]
+    for name in ("fleet2", "fleet3"):
+        lines = host_lines(output, name)
+        assert f"build artefact {digest[:12]}: received from the controller's cache (built on fleet1)" \
+            in lines, lines[-3000:]
+        assert f"build artefact {digest[:12]} verified: the sha256 of its" in lines, lines[-3000:]
+        assert "CPU self-test: the native build computes on this CPU" in lines, lines[-3000:]
+        assert "(received from fleet1, not built here)" in lines, lines[-3000:]
+        assert "configure: done" not in lines, f"{name} compiled llama.cpp: {lines[-3000:]}"
+        marker = json.loads(ssh(fleet["hosts"][name], "cat /opt/llama.cpp/builds/*/.llmhost-build.json").stdout)
+        assert marker["received"]["built_on"] == "fleet1" and marker["received"]["key"] == digest
+
+
+def test_a_tampered_artefact_is_refused_and_the_host_builds(site, fleet):
+    """One byte of the cached artefact changed: fleet3, whose build is gone, refuses it with the
+    reason, builds llama.cpp itself, and its build replaces the cache's entry."""
+    (entry,) = [p for p in fleet["builds"].iterdir() if not p.name.startswith(".")]
+    tarball = entry / "build.tar.gz"
+    data = bytearray(tarball.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tarball.write_bytes(bytes(data))
+    host = fleet["hosts"]["fleet3"]
+    ssh(host, "rm -rf /opt/llama.cpp/builds/*/")
+    result = run_deploy(fleet["inventory"], "--limit", "fleet3", env=site["env"])
+    assert result.returncode == 0, result.output[-6000:]
+    lines = host_lines(result.output, "fleet3")
+    assert re.search(rf"build artefact {entry.name[:12]} refused: its sha256 is [0-9a-f]{{64}}, the "
+                     rf"cache recorded [0-9a-f]{{64}}; building here instead", lines), lines[-3000:]
+    assert "configure: done" in lines and "(received from" not in lines, lines[-3000:]
+    assert f"build artefact {entry.name[:12]}: kept in the controller's cache" in lines, lines[-3000:]
+    assert json.loads((entry / "artefact.json").read_text())["built_on"] == "fleet3"
+    marker = json.loads(ssh(host, "cat /opt/llama.cpp/builds/*/.llmhost-build.json").stdout)
+    assert "received" not in marker
+    assert ssh(host, f"systemctl is-active {UNIT}").stdout.strip() == "active"
 
 
 def test_three_hosts_rerun_changes_nothing(site, one, fleet):

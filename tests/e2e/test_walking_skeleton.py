@@ -52,7 +52,9 @@ def site(tmp_path_factory):
                 for name_, port in ports.items() if name_ not in drop
             }
             return deployment.write_inventory(workdir / name, {
-                "skeleton": (host, {"llm_llamacpp_git_url": git_url, "llm_services": services})})
+                # This module proves the build made on the host: no artefact of another host.
+                "skeleton": (host, {"llm_llamacpp_git_url": git_url, "llm_services": services,
+                                    "llm_build_cache": False})})
 
         env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN}
         yield {"host": host, "hub": hub, "ports": ports, "inventory": inventory, "env": env,
