@@ -56,6 +56,12 @@ def server_argv(service: ServiceSpec, paths: ServerPaths) -> list[str]:
         argv += ["--reasoning-budget", str(service.reasoning_budget)]
     if service.threads:
         argv += ["--threads", str(service.threads)]
+    if service.batch_size:
+        argv += ["--batch-size", str(service.batch_size)]
+    if service.ubatch_size:
+        argv += ["--ubatch-size", str(service.ubatch_size)]
+    if service.n_cpu_moe is not None:
+        argv += ["--n-cpu-moe", str(service.n_cpu_moe)]
     if service.metrics:
         argv.append("--metrics")
     if service.alias:
