@@ -13,6 +13,16 @@ from dataclasses import dataclass
 from llmhost.settings import ServiceSpec
 
 
+# The option each setting a tuned profile may set (settings.TUNABLE) becomes in the argv below:
+# the host suite checks a running service against its profile with it (files/tune_service.py,
+# which cannot import this package on the host, keeps a copy a unit test compares).
+TUNED_OPTIONS = {"threads": "--threads", "batch_size": "--batch-size",
+                 "ubatch_size": "--ubatch-size", "parallel": "--parallel",
+                 "ctx_size": "--ctx-size", "cache_type_k": "--cache-type-k",
+                 "cache_type_v": "--cache-type-v", "gpu_layers": "--n-gpu-layers",
+                 "n_cpu_moe": "--n-cpu-moe"}
+
+
 @dataclass(frozen=True)
 class ServerPaths:
     """Where the service's inputs live on the host, and the GPUs it sees."""

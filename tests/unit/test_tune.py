@@ -52,6 +52,12 @@ def test_serving_argv_moves_the_service_to_loopback_on_another_port():
     assert ts.serving_argv(argv, 9999) == ["srv", "--host", "127.0.0.1", "--port", "9999"]
 
 
+def test_the_helper_sets_each_tunable_setting_through_the_deploys_own_option():
+    from llmhost.flags import TUNED_OPTIONS
+    from llmhost.settings import TUNABLE
+    assert ts.OPTION == TUNED_OPTIONS and set(TUNED_OPTIONS) == set(TUNABLE)
+
+
 def test_candidates_are_bounded():
     assert ts.thread_candidates(2, None) == [1, 2]
     assert ts.thread_candidates(16, 6) == [4, 6, 8, 12, 16]
