@@ -350,7 +350,7 @@ class Candidate:
         out.update({k: summary[k] for k in ("per_request_tok_s", "per_request_min_tok_s",
                                              "aggregate_tok_s")})
         if prompt_tokens:
-            timings = self.server.completion(t.prompt(prompt_tokens), 1, timeout)["timings"]
+            timings = self.server.completion(t.prompt(self.server, prompt_tokens), 1, timeout)["timings"]
             out["prompt_tok_s"] = timings["prompt_per_second"]
             out["prompt_tokens"] = timings["prompt_n"]
         return out
@@ -390,10 +390,9 @@ class Tuner:
         return self.deadline - time.monotonic()
 
     def request_timeout(self) -> float:
-        left = self.remaining() + self.args.reserve_s
-        if left <= 1:
-            raise TimeoutError("the time budget is spent")
-        return min(300.0, left)
+        """A request's timeout: what is left of the budget and a short grace (a round under way
+        finishes), at least 10 s, at most 300 s."""
+        return min(300.0, max(10.0, self.remaining() + 30))
 
     def room_for(self, stage: str, seconds: float) -> bool:
         """Whether a stage of about ``seconds`` fits before the final comparison's reserve."""
@@ -407,10 +406,17 @@ class Tuner:
         return False
 
     # helpers -------------------------------------------------------------------------------------
-    def prompt(self, tokens: int) -> str:
+    def prompt(self, server: bs.Server, tokens: int) -> str:
+        """A prompt of at most ``tokens`` tokens by the model's own tokenizer (bounded trims),
+        the same text for every candidate."""
         if tokens not in self._prompts:
-            lines = bs.haystack_lines(max(4, tokens // 8))
-            self._prompts[tokens] = "\n".join(f"The secret code of {n} is {c}." for n, c in lines)
+            lines = [f"The secret code of {n} is {c}." for n, c in bs.haystack_lines(max(4, tokens // 8))]
+            for _ in range(20):
+                count = server.count_tokens("\n".join(lines), timeout=self.request_timeout())
+                if count <= tokens or len(lines) <= 1:
+                    break
+                lines = lines[:max(1, int(len(lines) * tokens / count * 0.98))]
+            self._prompts[tokens] = "\n".join(lines)
         return self._prompts[tokens]
 
     def candidate(self, label: str, flags: dict) -> Candidate:
@@ -418,7 +424,7 @@ class Tuner:
         return Candidate(self, label, argv, flags)
 
     def measured(self, candidates: list[Candidate], parallel_of, rounds: int, tokens: int,
-                 prompt_tokens: int = 0, together: bool = True) -> dict[str, dict]:
+                 prompt_tokens: int = 0, together: bool = True, final: bool = False) -> dict[str, dict]:
         """Each candidate measured ``rounds`` times, alternated (the order rotates each round):
         all started at once when ``together`` (memory allows), else one at a time, started and
         stopped each round. Returns label -> {median figures, rounds, start_s, memory_mib,
@@ -429,7 +435,11 @@ class Tuner:
             if together:
                 alive = [c for c in candidates if self._started(c, results)]
             for r in range(rounds):
-                if r and not self.room_for("comparison", 5):
+                # A search stage stops at the comparison's reserve, the comparison at the budget.
+                if r and not (self.remaining() > 5 if final else self.room_for("search", 5)):
+                    if final:
+                        self.stopped_early = self.stopped_early or (
+                            f"comparison: {r} of {rounds} rounds within the budget")
                     break
                 order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
                 for c in order:
@@ -724,7 +734,7 @@ class Tuner:
                                                          chosen["parallel"], chosen["cache_type_k"],
                                                          chosen["cache_type_v"])))
         rows = self.measured(cands, lambda c: n, self.args.compare_rounds, self.args.tokens,
-                             together=self.together(len(cands)))
+                             together=self.together(len(cands)), final=True)
         for c in cands:
             rows[c.label]["argv"] = c.argv[1:]
         return {"load": n, "rounds": self.args.compare_rounds, "rows": rows,

@@ -188,6 +188,7 @@ def test_tune_writes_a_profile_the_deploy_applies_and_verify_checks(deployed):
     it, and a second tune with nothing changed proposing the same settings or saying why not."""
     first = tune(deployed)
     output = first.stdout + first.stderr
+    print("\n".join(l for l in output.splitlines() if "proposal" in l or "[benchsvc]" in l))
     assert first.returncode == 0, output[-8000:]
     assert f"time budget {TUNE['time_budget_s']} s" in output
     profile = deployed["workdir"] / "tuned" / f"{HOST}.py"
@@ -221,6 +222,7 @@ def test_tune_writes_a_profile_the_deploy_applies_and_verify_checks(deployed):
 
     second = tune(deployed)
     again = second.stdout + second.stderr
+    print("\n".join(l for l in again.splitlines() if "proposal" in l or "[benchsvc]" in l))
     assert second.returncode == 0, again[-8000:]
     after = dict(settings.load_host_settings(HOST, {**json_data(deployed), "llm_tuned_dir": str(
         profile.parent)}).services[0].tuned.settings)

@@ -92,6 +92,13 @@ def test_the_goal_picks_the_slots_and_says_why(goal, floor, slots, said):
     assert row["slots"] == slots and said in why, why
 
 
+def test_throughput_takes_the_best_aggregate_not_the_most_slots():
+    rows = ROWS[:3] + [{"slots": 8, "decode_1_tok_s": 50.0, "per_request_min_tok_s": 12.0,
+                        "aggregate_tok_s": 95.0}]
+    row, why = ts.choose_slots("throughput", rows, 10, 0.05)
+    assert row["slots"] == 4 and "100.0 tok/s aggregate" in why, why
+
+
 @pytest.mark.parametrize("chosen, current, same, keep, said", [
     ({"aggregate_tok_s": 104}, {"aggregate_tok_s": 100, "per_request_min_tok_s": 30}, False, True,
      "within the 5% margin"),
@@ -143,6 +150,8 @@ FAKE_SERVER = textwrap.dedent('''\
             self.send({"status": "ok"})
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":  # 8 tokens a line
+                return self.send({"tokens": [0] * (8 * body["content"].count("\\n") + 8)})
             with lock: active[0] += 1; n = active[0]
             time.sleep(0.02)
             with lock: n = max(n, active[0])
@@ -356,3 +365,23 @@ def test_batch_ubatch_and_n_cpu_moe_reach_the_argv_and_are_checked(tmp_path):
         load_host_settings("h1", host_data(tmp_path, batch_size=512, ubatch_size=1024))
     with pytest.raises(SettingsError, match="n_cpu_moe: found 2 on a CPU-only service"):
         load_host_settings("h1", host_data(tmp_path, n_cpu_moe=2))
+
+
+# -- the ballast (holds a GPU's memory beyond a budget; runs only where a GPU is) ----------------
+
+def test_ballast_blocks_add_up_to_the_excess():
+    spec = importlib.util.spec_from_file_location("gpu_ballast", FILES / "gpu_ballast.py")
+    ballast = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ballast)
+    assert ballast.blocks(2500) == [1024, 1024, 452]
+    assert ballast.blocks(0) == [] and sum(ballast.blocks(130_000)) == 130_000
+
+
+def test_ballast_without_a_usable_gpu_exits_2_and_says_why(tmp_path):
+    ready = tmp_path / "ready.json"
+    result = subprocess.run([sys.executable, str(FILES / "gpu_ballast.py"), "--leave-mib", "16384",
+                             "--ready-file", str(ready)], capture_output=True, text=True, timeout=60)
+    if result.returncode == 0:
+        pytest.skip("a GPU is usable here: the ballast held it (see the GPU phase)")
+    assert result.returncode == 2 and result.stderr.startswith("ballast: "), result.stderr
+    assert not ready.exists()
