@@ -196,9 +196,10 @@ def preplace(host, role: str) -> dict:
 
 
 def inventory(host, main_changes: dict | None = None, name: Path = INVENTORY,
-              tuned_dir: Path = TUNED_DIR) -> Path:
+              tuned_dir: Path | None = None) -> Path:
     """The guide's two services: `main` on the GPU with its flags, `translate` on the CPU;
-    llmhost-tune's profile (once the `tune` phase wrote one) in ``tuned_dir``."""
+    llmhost-tune's profile read from ``tuned_dir`` (the tune phases), else from a folder that
+    holds none (the guide's flags as they are, for up and prove)."""
     main = {"port": MAIN_PORT, "model": preplace(host, "moe"), "gpu_layers": 99,
             "ctx_size": 131072, "parallel": 4, "flash_attn": "on", "cache_type_k": "q4_0",
             "cache_type_v": "q8_0", "load_mode": "mmap+mlock", "reasoning": "auto",
@@ -213,7 +214,7 @@ def inventory(host, main_changes: dict | None = None, name: Path = INVENTORY,
             # The guide's K/V table compiled, so each pair runs its own kernel (iq4_nl has none
             # in ggml: it is converted, as the guide's slow row).
             "llm_cuda_fa_extra_pairs": [["q4_0", "q4_0"], ["q5_0", "q5_0"]],
-            "llm_tuned_dir": str(tuned_dir),
+            "llm_tuned_dir": str(tuned_dir or WORK / "untuned"),
             "llm_services": {"main": main, "translate": translate}}
     name.write_text(f"gpu_servers = [({gs.SANDBOX!r}, {data!r})]\n")
     return name
@@ -611,7 +612,7 @@ def tune_phase(args) -> int:
     gs._install_wheels()
     tables: dict = {}
     with gs.booted() as host:
-        path = inventory(host)
+        path = inventory(host, tuned_dir=TUNED_DIR)
         found = run_tune(path, "tune", MAIN_TUNE["time_budget_s"])
         tables["tune"] = tune_figures(TUNED_DIR, "tune")
         profile = TUNED_DIR / f"{gs.SANDBOX}.py"

@@ -54,6 +54,7 @@ CONTEXT_STEP = 1024           # contexts are chosen in whole KiB of tokens
 FIT_HEADROOM = 0.95           # of the largest context measured to fit, what a profile takes
 START_TIMEOUT = 600
 ALL_LAYERS = 999
+GRACE_S = 5                   # past the time budget: a request under way may finish this late
 
 
 def log(message: str) -> None:
@@ -202,8 +203,9 @@ def keep_or_switch(goal: str, chosen: dict | None, current: dict | None, same: b
                        f"({current['per_request_min_tok_s']:.1f}); the chosen ones do not")
     if gain > margin:
         return False, f"the chosen flags are {gain:+.1%} on the goal's figure, more than the {margin:.0%} margin"
+    how = "not better than" if gain <= 0 else f"better by no more than the {margin:.0%} margin over"
     return True, (f"the chosen flags are {gain:+.1%} on the goal's figure ({new:.1f} vs {old:.1f} "
-                  f"tok/s), within the {margin:.0%} margin: kept the current ones")
+                  f"tok/s), {how} the current ones: kept the current ones")
 
 
 def median_of(rounds: list[dict]) -> dict:
@@ -390,9 +392,10 @@ class Tuner:
         return self.deadline - time.monotonic()
 
     def request_timeout(self) -> float:
-        """A request's timeout: what is left of the budget and a short grace (a round under way
-        finishes), at least 10 s, at most 300 s."""
-        return min(300.0, max(10.0, self.remaining() + 30))
+        """A request's timeout: what is left of the budget and a few seconds of grace, at least
+        5 s, at most 300 s. A request that would outlast the budget fails (recorded), so the
+        budget holds even where a candidate turns out very slow."""
+        return min(300.0, max(5.0, self.remaining() + GRACE_S))
 
     def room_for(self, stage: str, seconds: float) -> bool:
         """Whether a stage of about ``seconds`` fits before the final comparison's reserve."""
@@ -434,17 +437,33 @@ class Tuner:
         try:
             if together:
                 alive = [c for c in candidates if self._started(c, results)]
+            last_round = longest = 0.0
             for r in range(rounds):
-                # A search stage stops at the comparison's reserve, the comparison at the budget.
-                if r and not (self.remaining() > 5 if final else self.room_for("search", 5)):
-                    if final:
-                        self.stopped_early = self.stopped_early or (
-                            f"comparison: {r} of {rounds} rounds within the budget")
+                # A round starts only when one as long as the last fits: a search stage before
+                # the comparison's reserve, the comparison before the budget's end.
+                left = self.remaining() - (0 if final else self.args.reserve_s)
+                if r and left < last_round:
+                    reason = (f"{'comparison' if final else 'search'}: {r} of {rounds} rounds "
+                              f"within the budget (a round took {last_round:.0f} s)")
+                    self.stopped_early = self.stopped_early or reason
+                    log(reason)
                     break
+                round_started = time.monotonic()
                 order = alive[r % len(alive):] + alive[:r % len(alive)] if alive else []
                 for c in order:
+                    # Within a round too: a candidate is measured only when one as long as the
+                    # longest so far fits (the first always is).
+                    left = self.remaining() - (0 if final else self.args.reserve_s)
+                    if longest and left < longest:
+                        results[c.label]["skipped"] = f"round {r + 1}: the time budget"
+                        log(f"{c.label}: round {r + 1}: skipped, {max(0, left):.0f} s left")
+                        self.stopped_early = self.stopped_early or (
+                            f"{'comparison' if final else 'search'}: round {r + 1} cut short by "
+                            f"the time budget")
+                        continue
                     if not together and not self._started(c, results):
                         continue
+                    measure_started = time.monotonic()
                     try:
                         m = c.measure(parallel_of(c), tokens, prompt_tokens)
                         results[c.label]["rounds"].append(m)
@@ -454,8 +473,10 @@ class Tuner:
                         results[c.label]["error"] = f"{type(error).__name__}: {error}"
                         log(f"{c.label}: FAILED: {results[c.label]['error']}")
                     finally:
+                        longest = max(longest, time.monotonic() - measure_started)
                         if not together:
                             c.stop()
+                last_round = time.monotonic() - round_started
         finally:
             for c in candidates:
                 c.stop()
@@ -689,7 +710,10 @@ class Tuner:
             if not fits:
                 log(f"the model does not fit with {flags['gpu_layers']} layers and {per_slot} "
                     f"context: {probe.error}")
-                flags = self.stage_offload(flags)
+                # Placed for the context the goal needs: one slot for latency, else the most.
+                slots = 1 if self.args.goal == "latency" else max(self.args.slots)
+                flags = self.stage_offload({**flags, "parallel": slots, "ctx_size": slots * per_slot,
+                                            "cache_type_k": pairs[0][0], "cache_type_v": pairs[0][1]})
             kv = self.stage_context(flags, pairs, per_slot)
             ok = [r for r in kv.values() if r.get("decode_1_tok_s")]
             if ok:

@@ -206,8 +206,9 @@ def test_tune_writes_a_profile_the_deploy_applies_and_verify_checks(deployed):
         assert label in report, label
     result = json.loads(next((deployed["workdir"] / "tuned" / "reports").glob(
         f"{HOST}-*/translate.json")).read_text())
-    assert result["seconds"] <= TUNE["time_budget_s"] + 20, result["seconds"]
-    assert all(len(row["rounds"]) >= 2 for row in result["comparison"]["rows"].values())
+    # Kept: a request under way at the end may run a few seconds past it (its GRACE_S).
+    assert result["seconds"] <= TUNE["time_budget_s"] + 10, result["seconds"]
+    assert result["comparison"]["rows"]["chosen"]["rounds"], result["comparison"]
 
     redeploy = run_deploy(deployed["inventory"])
     assert redeploy.returncode == 0, redeploy.output[-8000:]
