@@ -30,6 +30,11 @@ There, calls back to back (the machine keeps /var/tmp while warm, 30 s after a c
                                                 # --device with no GPU; the guide's tables
                                                 # (llmhost-bench, llama-bench); a switch and a
                                                 # forced rollback under a polling client
+    python3 -m benchmarks.gpu_realsize tune     # llmhost-tune on main (throughput, >= 60 tok/s
+                                                # and 32K context each, ~6 min), the profile
+                                                # deployed, verify (after `up`; < 10 min)
+    python3 -m benchmarks.gpu_realsize tune-budget  # main under a 16 GB budget held by the
+                                                # ballast: the tuner's choice vs --fit (~5 min)
 
 LLMHOST_GPU_REHEARSAL=1 runs it all on a machine without a GPU with the tiny recipes (every
 service on the CPU), to find mistakes before device time is spent.
@@ -69,6 +74,17 @@ GUIDE_AGGREGATE = {1: 190, 2: 290, 4: 356}
 GUIDE_PREFILL_S = {9_000: 1.2, 53_000: 6.6, 107_000: 16.3, 178_000: 34.9}
 GUIDE_DENSE_OVER_MOE = 66 / 190
 CONTEXTS = (1_000, 2_000) if REHEARSAL else tuple(GUIDE_PREFILL_S)
+# llmhost-tune (issue 21): main for throughput, every request >= 60 tok/s with 32K context,
+# about 6 minutes; then the same model under a 16 GB budget (the ballast holds the rest of the
+# H200) against llama.cpp's own --fit. A rehearsal runs main on the CPU: smaller terms.
+TUNED_DIR, TUNED_BUDGET_DIR = WORK / "tuned", WORK / "tuned-16g"
+MAIN_TUNE = ({"goal": "throughput", "min_tok_s": 5, "min_ctx": 2048, "slots": [1, 2, 4],
+              "time_budget_s": 150} if REHEARSAL else
+             {"goal": "throughput", "min_tok_s": 60, "min_ctx": 32768, "slots": [1, 2, 4, 8],
+              "time_budget_s": 360})
+BUDGET_TUNE = {**MAIN_TUNE, "goal": "latency", "slots": [1, 2, 4], "memory_budget_mib": 16384,
+               "ballast": not REHEARSAL, "time_budget_s": 120 if REHEARSAL else 270}
+TUNE_TOKENS = "32" if REHEARSAL else "128"
 DENSE = os.environ.get("LLMHOST_REALSIZE_DENSE") == "1"
 
 
@@ -179,12 +195,15 @@ def preplace(host, role: str) -> dict:
     return {"source": "local", "path": str(path), "sha256": digest}
 
 
-def inventory(host, main_changes: dict | None = None, name: Path = INVENTORY) -> Path:
-    """The guide's two services: `main` on the GPU with its flags, `translate` on the CPU."""
+def inventory(host, main_changes: dict | None = None, name: Path = INVENTORY,
+              tuned_dir: Path | None = None) -> Path:
+    """The guide's two services: `main` on the GPU with its flags, `translate` on the CPU;
+    llmhost-tune's profile read from ``tuned_dir`` (the tune phases), else from a folder that
+    holds none (the guide's flags as they are, for up and prove)."""
     main = {"port": MAIN_PORT, "model": preplace(host, "moe"), "gpu_layers": 99,
             "ctx_size": 131072, "parallel": 4, "flash_attn": "on", "cache_type_k": "q4_0",
             "cache_type_v": "q8_0", "load_mode": "mmap+mlock", "reasoning": "auto",
-            "reasoning_format": "deepseek"}
+            "reasoning_format": "deepseek", "tune": MAIN_TUNE}
     translate = {"port": TRANSLATE_PORT, "model": preplace(host, "translator"), "gpu_layers": 0,
                  "ctx_size": 4096, "parallel": 4, "reasoning": "off"}
     if REHEARSAL:
@@ -195,6 +214,7 @@ def inventory(host, main_changes: dict | None = None, name: Path = INVENTORY) ->
             # The guide's K/V table compiled, so each pair runs its own kernel (iq4_nl has none
             # in ggml: it is converted, as the guide's slow row).
             "llm_cuda_fa_extra_pairs": [["q4_0", "q4_0"], ["q5_0", "q5_0"]],
+            "llm_tuned_dir": str(tuned_dir or WORK / "untuned"),
             "llm_services": {"main": main, "translate": translate}}
     name.write_text(f"gpu_servers = [({gs.SANDBOX!r}, {data!r})]\n")
     return name
@@ -585,15 +605,109 @@ def switch_and_rollback(host, poller_cls) -> list[dict]:
     return found
 
 
+# --------------------------------------------------------------------------- tune (issue 21)
+
+def run_tune(path: Path, label: str, budget: int) -> subprocess.CompletedProcess:
+    """`llmhost-tune INVENTORY --service main`, its lines streamed and kept."""
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "llmhost.tune", str(path), "--service", "main",
+                                "--tokens", TUNE_TOKENS], cwd=WORK, env=gs._env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    with open(OUT / f"{label}.log", "a") as log:
+        for line in process.stdout:
+            lines.append(line)
+            log.write(line)
+            if any(k in line for k in ("tune: [", "proposal", "FAILED", "ballast", "does not fit",
+                                       "largest context", "stopped", "kv ")):
+                print(f"  | {line.rstrip()[:220]}", flush=True)
+    code = process.wait(timeout=budget + 400)
+    say(f"{label}: llmhost-tune exit {code} in {time.monotonic() - started:.1f}s "
+        f"(budget {budget} s)")
+    return subprocess.CompletedProcess(process.args, code, "".join(lines), "")
+
+
+def tune_figures(tuned_dir: Path, label: str) -> dict | None:
+    """The comparison of the last report: each row's figures, and the chosen one over the
+    others at the goal's load (the acceptance ratios)."""
+    reports = sorted((tuned_dir / "reports").glob(f"{gs.SANDBOX}-*/main.json"))
+    if not reports:
+        say(f"{label}: no report")
+        return None
+    result = json.loads(reports[-1].read_text())
+    rows = (result.get("comparison") or {}).get("rows") or {}
+    figures = {name: {k: row.get(k) for k in ("decode_1_tok_s", "per_request_min_tok_s",
+                                               "aggregate_tok_s", "memory_mib", "error")}
+               for name, row in rows.items()}
+    key = "decode_1_tok_s" if result["goal"] == "latency" else "aggregate_tok_s"
+    chosen = (figures.get("chosen") or {}).get(key)
+    ratios = {f"chosen/{name}": round(chosen / row[key], 3) for name, row in figures.items()
+              if name != "chosen" and chosen and row.get(key)}
+    say(f"{label}: goal {result['goal']}, {result['seconds']:.0f} s of {result['budget_s']:.0f}; "
+        f"chosen {result.get('chosen', {}).get('flags')}; {key}: "
+        + ", ".join(f"{n} {_fmt(r.get(key))}" for n, r in figures.items())
+        + f"; ratios {ratios}; proposal: {(result.get('proposal') or {}).get('reason')}")
+    return {"figures": figures, "ratios": ratios, "seconds": result["seconds"],
+            "stopped_early": result.get("stopped_early"), "errors": result.get("errors")}
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def pack_tune_files(tuned_dir: Path, name: str) -> None:
+    """The profile, reports, JSON and plots as one file in $OUT (a call returns few files)."""
+    import tarfile
+    with tarfile.open(OUT / name, "w:gz") as tar:
+        tar.add(tuned_dir, arcname=tuned_dir.name)
+
+
+def tune_phase(args) -> int:
+    """llmhost-tune on main for the throughput goal (the acceptance's terms), the profile
+    deployed through the deploy, verify. After `up` (main deployed, the models written)."""
+    gs.receive()
+    gs._install_wheels()
+    tables: dict = {}
+    with gs.booted() as host:
+        path = inventory(host, tuned_dir=TUNED_DIR)
+        found = run_tune(path, "tune", MAIN_TUNE["time_budget_s"])
+        tables["tune"] = tune_figures(TUNED_DIR, "tune")
+        profile = TUNED_DIR / f"{gs.SANDBOX}.py"
+        if found.returncode == 0 and profile.exists():
+            say(f"profile:\n{profile.read_text()}")
+            deployed = gs._deploy(path, "tune-deploy.log", "the tuned profile")
+            tables["deploy"] = {"exit": deployed.returncode, "seconds": deployed.seconds,
+                                "changed": deployed.changed_operations}
+            tables["verify_exit"] = gs._verify(path, "tune-verify.log", "on the tuned profile")
+        pack_tune_files(TUNED_DIR, "tune.tar.gz")
+    (OUT / "tune.json").write_text(json.dumps(tables, indent=1))
+    return 0 if tables.get("verify_exit") == 0 else 1
+
+
+def tune_budget_phase(args) -> int:
+    """main under a 16 GB memory budget: the ballast holds the rest of the GPU, so the tuner's
+    candidates and llama.cpp's --fit see 16 GB; the tuner's choice against --fit, alternated.
+    Its profile goes to a folder of its own (the deployed profile stays the `tune` phase's)."""
+    gs.receive()
+    gs._install_wheels()
+    with gs.booted() as host:
+        path = inventory(host, {"tune": BUDGET_TUNE}, WORK / "realsize-16g.py", TUNED_BUDGET_DIR)
+        run_tune(path, "tune-budget", BUDGET_TUNE["time_budget_s"])
+        figures = tune_figures(TUNED_BUDGET_DIR, "tune-budget")
+        pack_tune_files(TUNED_BUDGET_DIR, "tune-budget.tar.gz")
+    (OUT / "tune-budget.json").write_text(json.dumps(figures, indent=1))
+    return 0 if figures else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", nargs="+",
-                        choices=["start", "make-models", "up", "prove", "dense"])
+    parser.add_argument("phase", nargs="+", choices=["start", "make-models", "up", "prove", "dense",
+                                                      "tune", "tune-budget"])
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
     phases = {"start": start, "make-models": make_models, "up": up, "prove": prove,
-              "dense": dense_phase}
+              "dense": dense_phase, "tune": tune_phase, "tune-budget": tune_budget_phase}
     code = 0
     for phase in args.phase:
         code = phases[phase](args) or code

@@ -232,6 +232,34 @@ class Server:
         return first
 
 
+def concurrent_completions(server: Server, parallel: int, tokens: int, timeout: float,
+                           prompt: str = DECODE_PROMPT) -> list[dict]:
+    """``parallel`` /completion requests of ``tokens`` each, released together: each one's
+    server timings and the moment it answered ("end"). Raises when any failed. (The tuner,
+    files/tune_service.py, measures with it too.)"""
+    barrier = threading.Barrier(parallel)
+    results: list[dict] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait(timeout=30)
+            timings = server.completion(prompt, tokens, timeout)["timings"]
+            results.append({**timings, "end": time.monotonic()})
+        except Exception as error:
+            errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 35)
+    if errors or len(results) != parallel:
+        raise RuntimeError(f"{parallel} parallel requests: {len(results)} answered; "
+                           + "; ".join(errors[:2]))
+    return results
+
+
 # -- the host ----------------------------------------------------------------------------------
 
 def run(argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -543,28 +571,8 @@ class Bench:
                           "intervals (server predicted_ms); median over rounds"}
 
     def _concurrent(self, parallel: int, tokens: int) -> list[dict]:
-        barrier = threading.Barrier(parallel)
-        results: list[dict] = []
-        errors: list[str] = []
-        timeout = self.timeout(self.args.request_timeout)
-
-        def worker() -> None:
-            try:
-                barrier.wait(timeout=30)
-                timings = self.server.completion(DECODE_PROMPT, tokens, timeout)["timings"]
-                results.append({**timings, "end": time.monotonic()})
-            except Exception as error:
-                errors.append(f"{type(error).__name__}: {error}")
-
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(parallel)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout + 35)
-        if errors or len(results) != parallel:
-            raise RuntimeError(f"{parallel} parallel requests: {len(results)} answered; "
-                               + "; ".join(errors[:2]))
-        return results
+        return concurrent_completions(self.server, parallel, tokens,
+                                      self.timeout(self.args.request_timeout))
 
     def ttft(self) -> dict:
         samples = []

@@ -68,15 +68,16 @@ def read_manifest(host: InventoryHost, config_dir: str) -> Manifest:
 
 
 @contextmanager
-def uploaded(host: InventoryHost, helper: Path):
-    """A private folder on the host holding ``helper``; removed afterwards, pass or fail."""
-    ok, tmp, err = host.run("mktemp -d /tmp/llmhost-bench.XXXXXX")
+def uploaded(host: InventoryHost, *helpers: Path, prefix: str = "llmhost-bench"):
+    """A private folder on the host holding ``helpers``; removed afterwards, pass or fail."""
+    ok, tmp, err = host.run(f"mktemp -d /tmp/{prefix}.XXXXXX")
     if not ok:
         raise RuntimeError(f"mktemp failed: {err}")
     tmp = tmp.strip()
     try:
-        if not host.put(str(helper), f"{tmp}/{helper.name}"):
-            raise RuntimeError(f"upload of {helper.name} to {tmp} failed")
+        for helper in helpers:
+            if not host.put(str(helper), f"{tmp}/{helper.name}"):
+                raise RuntimeError(f"upload of {helper.name} to {tmp} failed")
         yield tmp
     finally:
         host.run(f"rm -rf {shlex.quote(tmp)}")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from llmhost.settings import (GATEWAY_SETTINGS, HOST_SETTINGS, MODEL_SETTINGS, SERVICE_SETTINGS,
-                              Setting)
+                              TUNE_SETTINGS, Setting)
 
 # Run from the checkout: the README is a file of the repository, not of the installed package.
 README = Path("README.md")
@@ -39,6 +39,7 @@ def settings_tables() -> str:
         _table("Host settings (host data or group_data/)", HOST_SETTINGS),
         _table("Service settings (llm_services.<name>.…)", SERVICE_SETTINGS),
         _table("Model settings (llm_services.<name>.model.…)", MODEL_SETTINGS),
+        _table("Tune settings (llm_services.<name>.tune.…, read by llmhost-tune)", TUNE_SETTINGS),
         _table("Gateway settings (on gateway hosts)", GATEWAY_SETTINGS, prefix="llm_gateway."),
     ])
 

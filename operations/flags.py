@@ -13,6 +13,16 @@ from dataclasses import dataclass
 from llmhost.settings import ServiceSpec
 
 
+# The option each setting a tuned profile may set (settings.TUNABLE) becomes in the argv below:
+# the host suite checks a running service against its profile with it (files/tune_service.py,
+# which cannot import this package on the host, keeps a copy a unit test compares).
+TUNED_OPTIONS = {"threads": "--threads", "batch_size": "--batch-size",
+                 "ubatch_size": "--ubatch-size", "parallel": "--parallel",
+                 "ctx_size": "--ctx-size", "cache_type_k": "--cache-type-k",
+                 "cache_type_v": "--cache-type-v", "gpu_layers": "--n-gpu-layers",
+                 "n_cpu_moe": "--n-cpu-moe"}
+
+
 @dataclass(frozen=True)
 class ServerPaths:
     """Where the service's inputs live on the host, and the GPUs it sees."""
@@ -56,6 +66,12 @@ def server_argv(service: ServiceSpec, paths: ServerPaths) -> list[str]:
         argv += ["--reasoning-budget", str(service.reasoning_budget)]
     if service.threads:
         argv += ["--threads", str(service.threads)]
+    if service.batch_size:
+        argv += ["--batch-size", str(service.batch_size)]
+    if service.ubatch_size:
+        argv += ["--ubatch-size", str(service.ubatch_size)]
+    if service.n_cpu_moe is not None:
+        argv += ["--n-cpu-moe", str(service.n_cpu_moe)]
     if service.metrics:
         argv.append("--metrics")
     if service.alias:

@@ -19,14 +19,15 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, operation
 
 from llmhost.facts import ManifestState
-from llmhost.settings import ModelSpec, ServiceSpec
+from llmhost.settings import ModelSpec, ServiceSpec, TunedProfile, TuneSpec
 
+# 5: a service's tune settings and the tuned profile it runs (settings.ServiceSpec.tune, .tuned).
 # 4: the build's CPU baseline, asked for and found by its CPU self-test (cpu_*).
 # 3: a service's settings are recorded whole, as settings.ServiceSpec (2 listed ten of them).
-VERSION = 4
+VERSION = 5
 # Versions read as well: a field they lack reads as its default (a version 3 build: native,
 # never self-tested).
-READABLE = (3, VERSION)
+READABLE = (3, 4, VERSION)
 
 
 class ManifestError(ValueError):
@@ -204,6 +205,11 @@ def _record(cls, data: dict):
     return cls(**values)
 
 
+def _tuple(value):
+    """JSON lists back to the tuples the settings hold (nested: K/V pairs)."""
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value
+
+
 def _service_settings(data: dict) -> ServiceSpec:
     """A service's settings from JSON. A setting this manifest lacks (declared after the deploy
     that wrote it) reads as its declared default."""
@@ -214,6 +220,10 @@ def _service_settings(data: dict) -> ServiceSpec:
             # JSON lists back into the tuples the deploy held (the lock's file records).
             value = ModelSpec(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
                                  if isinstance(v, list) else v for k, v in value.items()})
+        elif f.name == "tune" and value is not None:
+            value = TuneSpec(**{k: _tuple(v) for k, v in value.items()})
+        elif f.name == "tuned" and value is not None:
+            value = TunedProfile(**{**value, "settings": tuple(tuple(p) for p in value["settings"])})
         elif isinstance(value, list):
             value = tuple(value)
         values[f.name] = value

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 from pyinfra.api.exceptions import PyinfraError
 
-from llmhost import profiles
+from llmhost import profiles, tuned as tuned_files
 
 PREFIX = "llm_"
 
@@ -44,6 +44,14 @@ LLAMACPP_SOURCES = ("git", "local")
 # llmhost.buildplan.cpu_baseline_flags); auto tries them in this order.
 CPU_BASELINES = ("native", "x86-64-v4", "x86-64-v3", "x86-64-v2")
 CPU_BASELINE_CHOICES = ("auto", *CPU_BASELINES)
+# llmhost-tune's goals (llm_services.<name>.tune.goal).
+TUNE_GOALS = ("latency", "throughput", "mix")
+# The guide's K/V table (section 3.2) rows it calls lossless and recommends: f16/f16 (its
+# baseline), q4_0/q8_0 and q4_0/q4_0; q5_0 (slower) and iq4_nl (5x slower) are its traps.
+GUIDE_LOSSLESS_KV_PAIRS = (("f16", "f16"), ("q4_0", "q8_0"), ("q4_0", "q4_0"))
+# The service settings a tuned profile (llmhost-tune, tuned/<host>.py) may set.
+TUNABLE = ("threads", "batch_size", "ubatch_size", "parallel", "ctx_size", "cache_type_k",
+           "cache_type_v", "gpu_layers", "n_cpu_moe")
 UNIT_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -212,6 +220,76 @@ def _folder(v: str) -> str:
     return v.rstrip("/")
 
 
+def _kv_pair_list(v: Any) -> bool:
+    return all(isinstance(p, (list, tuple)) and len(p) == 2 and all(t in CACHE_TYPES for t in p)
+               for p in v) and len(v) > 0
+
+
+def _slot_list(v: Any) -> bool:
+    return len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 64
+                              for x in v)
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """How llmhost-tune searches a service's flags: llm_services.<name>.tune."""
+
+    goal: str = setting("throughput", "what the search optimises: latency (the fastest single "
+                                      "request), throughput (the best aggregate decode with every "
+                                      "request at least min_tok_s and min_ctx), mix (the most "
+                                      "slots whose each request keeps at least half of the "
+                                      "single-request decode, like the guide's agents plus "
+                                      "translations)", types=(str,), choices=TUNE_GOALS)
+    min_tok_s: float = setting(20, "throughput and mix: decode each request must keep, tok/s",
+                               types=(int, float), allowed="a positive number", check=_positive)
+    min_ctx: int | None = setting(None, "context each slot must hold, tokens; unset: the "
+                                        "service's ctx_size / parallel", types=(int,),
+                                  allowed="a positive integer", check=_positive)
+    slots: tuple[int, ...] = setting((1, 2, 4, 8), "slot counts (parallel) the search measures",
+                                     types=(list,), allowed="a list of integers from 1 to 64",
+                                     check=_slot_list, convert=lambda v: tuple(sorted(set(v))))
+    kv_pairs: tuple[tuple[str, str], ...] = setting(
+        GUIDE_LOSSLESS_KV_PAIRS, "GPU services: the [K, V] cache pairs the search may choose "
+                                 "(default the guide's lossless set); a pair the build has not "
+                                 "compiled is reported as a rebuild, not measured",
+        types=(list,), allowed="a non-empty list of [K, V] pairs of " +
+                               ", ".join(repr(t) for t in CACHE_TYPES),
+        check=_kv_pair_list, convert=lambda v: tuple(tuple(p) for p in v))
+    memory_budget_mib: int | None = setting(None, "GPU services: the most GPU memory the service "
+                                                  "may use, MiB (a share of a GPU, or a smaller "
+                                                  "card's size); unset: the whole GPU",
+                                            types=(int,), allowed="a positive integer",
+                                            check=_positive)
+    ballast: bool = setting(False, "GPU services with memory_budget_mib: hold the GPU's memory "
+                                   "beyond the budget with an allocation while tuning "
+                                   "(files/gpu_ballast.py), so llama.cpp itself sees only the "
+                                   "budget (a big GPU standing in for a smaller card)",
+                            types=(bool,))
+    time_budget_s: int = setting(900, "seconds the search of this service may take (said at the "
+                                      "start; past it the best so far is reported)",
+                                 types=(int,), allowed="an integer from 60 to 86400",
+                                 check=lambda v: 60 <= v <= 86400)
+    keep_margin: float = setting(0.05, "a new profile replaces the one the service runs only "
+                                       "when it is better by more than this fraction on the "
+                                       "goal's figure, measured alternated with it",
+                                 types=(float, int), allowed="a number from 0 to 1",
+                                 check=lambda v: 0 <= v <= 1)
+
+
+@dataclass(frozen=True)
+class TunedProfile:
+    """Where a service's tuned values came from (llmhost-tune's tuned/<host>.py): recorded in
+    the manifest, checked by the host suite. Not a setting: read from the profile file."""
+
+    name: str
+    date: str
+    build_commit: str
+    goal: str
+    file: str
+    model_sha256: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A service's model: llm_services.<name>.model."""
@@ -299,6 +377,18 @@ class ServiceSpec:
     threads: int | None = setting(None, "-t: CPU threads for generation; unset lets llama.cpp "
                                         "choose", types=(int,), allowed="a positive integer",
                                   check=_positive, owns=("-t", "--threads"))
+    batch_size: int | None = setting(None, "-b: logical batch size (prompt tokens per step); "
+                                           "unset: llama.cpp's 2048", types=(int,),
+                                     allowed="a positive integer", check=_positive,
+                                     owns=("-b", "--batch-size"))
+    ubatch_size: int | None = setting(None, "-ub: physical batch size; unset: llama.cpp's 512",
+                                      types=(int,), allowed="a positive integer",
+                                      check=_positive, owns=("-ub", "--ubatch-size"))
+    n_cpu_moe: int | None = setting(None, "--n-cpu-moe: MoE expert weights of the first N "
+                                          "layers kept in CPU memory (a model larger than the "
+                                          "GPU); unset: none", types=(int,),
+                                    allowed="a non-negative integer", check=_non_negative,
+                                    owns=("-ncmoe", "--n-cpu-moe", "-cmoe", "--cpu-moe"))
     metrics: bool = setting(True, "--metrics: Prometheus /metrics endpoint", types=(bool,),
                             owns=("--metrics",))
     alias: str | None = setting(None, "--alias: model name reported by the API", types=(str,),
@@ -321,9 +411,17 @@ class ServiceSpec:
     extra_args: tuple[str, ...] = setting((), "extra llama-server arguments, checked against "
                                               "--help", types=(list,), allowed="a list of strings",
                                           check=_str_list, convert=tuple)
-    # Not settings: the name is llm_services' key, the warnings come from the checks.
+    tune: TuneSpec | None = setting(None, "how llmhost-tune searches this service (see the tune "
+                                          "settings); unset: their defaults", types=(dict,))
+    # Not settings: the name is llm_services' key, the warnings come from the checks, the
+    # tuned profile (llmhost-tune) from the host's profile file.
     name: str = ""
     warnings: tuple[str, ...] = ()
+    tuned: TunedProfile | None = None
+
+    @property
+    def tuning(self) -> TuneSpec:
+        return self.tune or TuneSpec()
 
     @property
     def unit_name(self) -> str:
@@ -502,6 +600,12 @@ class HostSettings:
                                           "host's models and llama.cpp resolved to; unset: beside "
                                           "the inventory (inventory.py -> inventory.lock)",
                                     types=(str,), allowed="an absolute path", check=_abs_path)
+    tuned_dir: str = setting("tuned", "controller folder of llmhost-tune's profiles (<host>.py "
+                                      "each, meant to be committed); a profile there sets the "
+                                      "tuned values of its services; relative to the current "
+                                      "directory, like group_data/", types=(str,),
+                             allowed="a folder path without spaces or ..",
+                             check=lambda v: " " not in v and ".." not in v.split("/"))
     services: tuple[ServiceSpec, ...] = setting(None, "the llama-server services of this host, by "
                                                       "name (see the service settings)",
                                                 types=(dict,))
@@ -537,6 +641,7 @@ HOST_SETTINGS = settings_of(HostSettings, prefix=PREFIX)
 SERVICE_SETTINGS = settings_of(ServiceSpec)
 MODEL_SETTINGS = settings_of(ModelSpec)
 GATEWAY_SETTINGS = settings_of(GatewaySpec)
+TUNE_SETTINGS = settings_of(TuneSpec)
 SECRET_KEYS = {"api_key_value", "key", "token", "hf_token", "password", "secret"}
 
 
@@ -639,7 +744,8 @@ def _load_model(where: str, raw: Any, problems: list[str]) -> ModelSpec | None:
     return ModelSpec(**_typed(ModelSpec, values))
 
 
-def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> ServiceSpec | None:
+def _load_service(host_name: str, name: Any, raw: Any, problems: list[str],
+                  profile: TunedProfile | None = None) -> ServiceSpec | None:
     where = f"host {host_name}: llm_services.{name}"
     if not isinstance(name, str) or not UNIT_NAME_RE.match(name):
         problems.append(f"host {host_name}: llm_services: found service name {name!r}, expected "
@@ -649,8 +755,11 @@ def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> S
         problems.append(_line(where, raw, "a mapping of service settings"))
         return None
     before = len(problems)
+    if profile:  # the tuned values, validated where they came from (_load_profile)
+        raw = {**raw, **dict(profile.settings)}
     values = _validate_block(where, {k: v for k, v in raw.items() if k != "model"},
                              tuple(s for s in SERVICE_SETTINGS if s.name != "model"), problems)
+    tune = _load_tune(f"{where}.tune", raw["tune"], problems) if raw.get("tune") is not None else None
     if "port" in values and values["port"] is None:
         problems.append(f"{where}.port: found nothing, expected an integer from 1 to 65535")
     model = _load_model(f"{where}.model", raw.get("model"), problems)
@@ -671,6 +780,12 @@ def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> S
     if values["gpus"] is not None and values["gpu_layers"] == 0:
         problems.append(f"{where}.gpus: found {values['gpus']!r} on a CPU-only service "
                         f"(gpu_layers 0), expected gpu_layers > 0 or no gpus")
+    if values["n_cpu_moe"] is not None and values["gpu_layers"] == 0:
+        problems.append(f"{where}.n_cpu_moe: found {values['n_cpu_moe']} on a CPU-only service "
+                        f"(gpu_layers 0), expected gpu_layers > 0 or no n_cpu_moe")
+    if values["ubatch_size"] and values["batch_size"] and values["ubatch_size"] > values["batch_size"]:
+        problems.append(f"{where}.ubatch_size: found {values['ubatch_size']}, expected at most "
+                        f"batch_size ({values['batch_size']})")
     if len(problems) > before:
         return None
     warnings = tuple(
@@ -678,8 +793,62 @@ def _load_service(host_name: str, name: Any, raw: Any, problems: list[str]) -> S
         for key, t in (("cache_type_k", values["cache_type_k"]), ("cache_type_v", values["cache_type_v"]))
         if t in CACHE_TYPE_WARNINGS
     )
-    return ServiceSpec(**{**_typed(ServiceSpec, values), "model": model}, name=name,
-                       warnings=warnings)
+    return ServiceSpec(**{**_typed(ServiceSpec, values), "model": model, "tune": tune}, name=name,
+                       warnings=warnings + _stale(where, profile, model), tuned=profile)
+
+
+def _load_tune(where: str, raw: Any, problems: list[str]) -> TuneSpec | None:
+    if not isinstance(raw, dict):
+        problems.append(_line(where, raw, "a mapping of tune settings"))
+        return None
+    before = len(problems)
+    values = _validate_block(where, raw, TUNE_SETTINGS, problems)
+    if len(problems) > before:
+        return None
+    return TuneSpec(**_typed(TuneSpec, values))
+
+
+def _load_profile(host_name: str, tuned_dir: str, services: Mapping[str, Any],
+                  problems: list[str]) -> dict[str, TunedProfile]:
+    """The host's tuned profile (llmhost-tune's file), by service; its problems name the file."""
+    path = tuned_files.profile_path(tuned_dir, host_name)
+    found, read_problems = tuned_files.read(path)
+    problems += [f"host {host_name}: {p}" for p in read_problems]
+    out: dict[str, TunedProfile] = {}
+    known = {s.name: s for s in SERVICE_SETTINGS}
+    for name, entry in (found or {}).items():
+        where = f"host {host_name}: {path}: {name}"
+        if name not in services:
+            continue  # a service since removed: its entry does nothing (the next tune drops it)
+        entry_problems = tuned_files.entry_problems(where, entry)
+        if entry_problems:
+            problems += entry_problems
+            continue
+        before = len(problems)
+        for key, value in entry["settings"].items():
+            if key not in TUNABLE:
+                problems.append(f"{where}.settings.{key}: found a setting a profile may not set, "
+                                f"expected one of {', '.join(TUNABLE)}")
+                continue
+            problem = known[key].problem(f"{where}.settings.{key}", value)
+            if problem:
+                problems.append(problem)
+        if len(problems) == before:
+            out[name] = TunedProfile(name=entry["profile"], date=entry["date"],
+                                     build_commit=entry["build_commit"], goal=entry["goal"],
+                                     file=str(path), model_sha256=entry.get("model_sha256"),
+                                     settings=tuple(entry["settings"].items()))
+    return out
+
+
+def _stale(where: str, profile: TunedProfile | None, model: ModelSpec) -> tuple[str, ...]:
+    """A profile measured on another model: said at every deploy until it is re-tuned."""
+    if profile and profile.model_sha256 and model.sha256 and profile.model_sha256 != model.sha256:
+        return (f"{where}: the tuned profile {profile.name} ({profile.file}) was measured with "
+                f"model sha256 {profile.model_sha256[:12]}, the service now has "
+                f"{model.sha256[:12]}: re-tune (llmhost-tune INVENTORY --service "
+                f"{where.rsplit('.', 1)[-1]}) or delete the profile",)
+    return ()
 
 
 def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
@@ -692,9 +861,19 @@ def load_host_settings(host_name: str, data: Mapping[str, Any]) -> HostSettings:
     if "llm_services" in ours and not raw_services:
         problems.append(f"host {host_name}: llm_services: found no services, expected a mapping "
                         f"of service name to settings (group_data/ has the guide's two)")
+    tuned = _load_profile(host_name, values.get("llm_tuned_dir") or "tuned",
+                          raw_services if isinstance(raw_services, dict) else {}, problems)
     for name, raw in (raw_services or {}).items():
-        service = _load_service(host_name, name, raw, problems)
+        service = _load_service(host_name, name, raw, problems, tuned.get(name))
         if service:
+            commit = values.get("llm_llamacpp_commit")
+            if service.tuned and commit and service.tuned.build_commit != commit:
+                service = replace(service, warnings=service.warnings + (
+                    f"host {host_name}: llm_services.{name}: the tuned profile "
+                    f"{service.tuned.name} was measured with llama.cpp "
+                    f"{service.tuned.build_commit[:12]}, the host builds "
+                    f"{commit[:12]}: re-tune (llmhost-tune INVENTORY "
+                    f"--limit {host_name} --service {name})",))
             services.append(service)
     seen_ports: dict[int, str] = {}
     for service in services:

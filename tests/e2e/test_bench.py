@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhost import bench_reference
+from llmhost import bench_reference, settings
 from tests.support import cache, deployment, sandbox
 from tests.support.deployment import REPO, run_deploy
 
@@ -38,6 +38,10 @@ HEADINGS = ("## Fleet summary", "### Decode vs parallel requests", "### Latency 
 # (Across separate steps the ratio is no ceiling check: this VM drifts by +-15% over tens of
 # seconds, and served 81.0 vs tg128 66.7 tok/s came out once.)
 CEILING_NOISE = 1.10
+# llmhost-tune on the translator: 2 cores, 1024 tokens a slot, every request >= 10 tok/s (one
+# request alone decodes ~64 tok/s here), a few minutes at most.
+TUNE = {"goal": "throughput", "min_tok_s": 10, "slots": [1, 2, 4], "time_budget_s": 150}
+TUNE_ARGS = ("--tokens", "32")
 
 
 def matplotlib_installed() -> bool:
@@ -49,31 +53,38 @@ def matplotlib_installed() -> bool:
 
 
 @pytest.fixture(scope="module")
-def benched(tmp_path_factory):
-    """One sandbox host, deployed once, benchmarked once by the real CLI."""
+def deployed(tmp_path_factory):
+    """One sandbox host, deployed once, for the bench and the tuner (which runs after it)."""
     missing = deployment.require_tools()
     if missing:
         pytest.fail(f"e2e needs {', '.join(missing)} (bash .ci/setup installs them)")
     repo, model = cache.llamacpp_repo(), cache.gemma_model()
     workdir = tmp_path_factory.mktemp("bench")
-    out = Path(os.environ.get("LLMHOST_BENCH_OUT") or workdir / "results").resolve()
     with deployment.booted(HOST) as host, \
             deployment.git_daemon(repo) as git_url:
         port = sandbox.free_port()
         inventory = deployment.write_inventory(workdir / "inventory.py", {
-            HOST: (host, {"llm_llamacpp_git_url": git_url,
+            HOST: (host, {"llm_llamacpp_git_url": git_url, "llm_tuned_dir": str(workdir / "tuned"),
                           "llm_services": {"translate": deployment.service_settings(
-                              port, model, ctx_size=4096, parallel=4)}}),
+                              port, model, ctx_size=4096, parallel=4, tune=TUNE)}}),
         })
         deployed = run_deploy(inventory)
         assert deployed.returncode == 0, deployed.output[-8000:]
-        key = deployment.ssh(host, "cat /etc/llama/keys/translate.key").stdout.strip()
-        command = [sys.executable, "-m", "llmhost.bench", str(inventory), "--limit", HOST,
-                   "--out", str(out), *BENCH_ARGS]
-        bench = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
-        health = deployment.ssh(host, f"python3 -c \"import urllib.request; print(urllib.request."
-                                      f"urlopen('http://127.0.0.1:{port}/health').status)\"",
-                                check=False).stdout.strip()
+        yield {"host": host, "inventory": inventory, "port": port, "workdir": workdir}
+
+
+@pytest.fixture(scope="module")
+def benched(deployed):
+    """The deployed host benchmarked once by the real CLI."""
+    host, port = deployed["host"], deployed["port"]
+    out = Path(os.environ.get("LLMHOST_BENCH_OUT") or deployed["workdir"] / "results").resolve()
+    key = deployment.ssh(host, "cat /etc/llama/keys/translate.key").stdout.strip()
+    command = [sys.executable, "-m", "llmhost.bench", str(deployed["inventory"]), "--limit", HOST,
+               "--out", str(out), *BENCH_ARGS]
+    bench = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    health = deployment.ssh(host, f"python3 -c \"import urllib.request; print(urllib.request."
+                                  f"urlopen('http://127.0.0.1:{port}/health').status)\"",
+                            check=False).stdout.strip()
     output = bench.stdout + bench.stderr
     assert bench.returncode == 0, output[-8000:]
     yield {"out": out, "output": output, "key": key, "health_after": health,
@@ -161,3 +172,68 @@ def test_progress_is_printed_and_the_key_never_is(benched):
         assert f"[{HOST}] bench: {step}" in output, step
     assert benched["key"] and benched["key"] not in output
     assert benched["key"] not in (benched["out"] / f"{HOST}.json").read_text()
+
+
+# -- llmhost-tune on the same host, after the bench ----------------------------------------------
+
+def tune(deployed) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmhost.tune", str(deployed["inventory"]),
+                           "--limit", HOST, *TUNE_ARGS], cwd=REPO, capture_output=True, text=True,
+                          timeout=TUNE["time_budget_s"] + 300)
+
+
+def test_tune_writes_a_profile_the_deploy_applies_and_verify_checks(deployed):
+    """llmhost-tune end to end on the CPU translator: the search (threads, batch, slots) within
+    its stated budget, the profile and its report, the deploy applying it, verify passing on
+    it, and a second tune with nothing changed proposing the same settings or saying why not."""
+    first = tune(deployed)
+    output = first.stdout + first.stderr
+    print("\n".join(l for l in output.splitlines() if "proposal" in l or "[benchsvc]" in l))
+    assert first.returncode == 0, output[-8000:]
+    assert f"time budget {TUNE['time_budget_s']} s" in output
+    profile = deployed["workdir"] / "tuned" / f"{HOST}.py"
+    text = profile.read_text()
+    entry = settings.load_host_settings(HOST, {**json_data(deployed), "llm_tuned_dir": str(
+        profile.parent)}).services[0].tuned
+    values = dict(entry.settings)
+    assert {"parallel", "ctx_size"} <= set(values), text
+    assert "# " in text.split("'parallel'")[1].splitlines()[0], text  # its measurement beside it
+    report = next((deployed["workdir"] / "tuned" / "reports").glob(f"{HOST}-*/report.md")).read_text()
+    for heading in ("### The profile", "### Side by side", "### Threads (1 request)",
+                    "### Batch / ubatch", "### Decode and aggregate vs slots"):
+        assert heading in report, heading
+    for label in ("| chosen |", "| current |", "| defaults |"):
+        assert label in report, label
+    result = json.loads(next((deployed["workdir"] / "tuned" / "reports").glob(
+        f"{HOST}-*/translate.json")).read_text())
+    # Kept: a request under way at the end may run a few seconds past it (its GRACE_S).
+    assert result["seconds"] <= TUNE["time_budget_s"] + 10, result["seconds"]
+    assert result["comparison"]["rows"]["chosen"]["rounds"], result["comparison"]
+
+    redeploy = run_deploy(deployed["inventory"])
+    assert redeploy.returncode == 0, redeploy.output[-8000:]
+    argv = deployment.ssh(deployed["host"], "tr '\\0' ' ' < /proc/$(systemctl show -p MainPID "
+                                            "--value llama-translate)/cmdline").stdout
+    assert f"--parallel {values['parallel']} " in argv and f"--ctx-size {values['ctx_size']} " in argv
+    verified = subprocess.run([sys.executable, "-m", "llmhost.verify", str(deployed["inventory"]),
+                               "--limit", HOST], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert verified.returncode == 0, verified.stdout[-6000:]
+    assert "test_running_service_matches_its_tuned_profile" not in verified.stdout.split(
+        "per-host summary")[-1]  # neither failed nor skipped: it ran and passed
+
+    second = tune(deployed)
+    again = second.stdout + second.stderr
+    print("\n".join(l for l in again.splitlines() if "proposal" in l or "[benchsvc]" in l))
+    assert second.returncode == 0, again[-8000:]
+    after = dict(settings.load_host_settings(HOST, {**json_data(deployed), "llm_tuned_dir": str(
+        profile.parent)}).services[0].tuned.settings)
+    if after == values:
+        assert "the same settings as its profile" in again, again[-3000:]
+    else:  # a real improvement beyond the margin: said, with the figure
+        assert "more than the" in again or "leave a request under" in again, again[-3000:]
+
+
+def json_data(deployed) -> dict:
+    """The inventory's host data, as the deploy reads it."""
+    from llmhost.inventory import load_inventory
+    return load_inventory(deployed["inventory"], [HOST])[0].data

@@ -10,6 +10,7 @@ import shlex
 import pytest
 
 from llmhost.buildplan import cpu_baseline_features
+from llmhost.flags import TUNED_OPTIONS
 from llmhost.hostcheck import each, http, info_fields, main_pid, system_info
 from llmhost.remote import HELPER_DIR
 
@@ -211,6 +212,27 @@ def test_running_argv_is_the_one_the_deploy_intended(host, services):
             gone = [a for a in s.argv if a not in argv]
             return f"pid {pid} runs another command: extra {extra}, missing {gone}"
     each(services, check)
+
+
+def test_running_service_matches_its_tuned_profile(host, services):
+    """A service deployed with an llmhost-tune profile runs each of the profile's values (a
+    deploy before the profile was written, or a hand edit, shows here)."""
+    tuned = [s for s in services if s.settings.tuned]
+    if not tuned:
+        pytest.skip("no service runs a tuned profile (llmhost-tune)")
+
+    def check(s):
+        profile = s.settings.tuned
+        argv = host.file(f"/proc/{main_pid(host, s.unit)}/cmdline").content_string.split("\0")
+        wrong = []
+        for key, value in profile.settings:
+            option = TUNED_OPTIONS[key]
+            found = argv[argv.index(option) + 1] if option in argv[:-1] else None
+            if found != str(value):
+                wrong.append(f"{option} {found or '(absent)'}, the profile says {value}")
+        if wrong:
+            return f"does not run its tuned profile {profile.name} ({profile.file}): {'; '.join(wrong)}"
+    each(tuned, check)
 
 
 def test_running_binary_is_the_build_on_disk(host, manifest, services):

@@ -16,7 +16,8 @@ def test_readme_settings_tables_match_the_settings_module():
 def test_each_readme_row_says_what_the_setting_declares():
     """The generator's rows, read back: every setting once, with its own default, meaning and
     what is allowed (the test above only says the README is what the generator prints)."""
-    from llmhost.settings import GATEWAY_SETTINGS, HOST_SETTINGS, MODEL_SETTINGS, SERVICE_SETTINGS
+    from llmhost.settings import (GATEWAY_SETTINGS, HOST_SETTINGS, MODEL_SETTINGS,
+                                  SERVICE_SETTINGS, TUNE_SETTINGS)
 
     rows = {}
     for line in README.read_text().splitlines():
@@ -25,6 +26,7 @@ def test_each_readme_row_says_what_the_setting_declares():
             rows.setdefault(cells[0].strip("`"), []).append(cells)
     named = [(s.name, s) for s in HOST_SETTINGS + SERVICE_SETTINGS + MODEL_SETTINGS]
     named += [(f"llm_gateway.{s.name}", s) for s in GATEWAY_SETTINGS]
+    named += [(s.name, s) for s in TUNE_SETTINGS]
     for shown_name, setting in named:
         (name, kind, default, meaning, allowed), = rows.pop(shown_name)
         assert kind == " or ".join(t.__name__ for t in setting.types), setting.name
